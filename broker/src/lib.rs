@@ -1,0 +1,80 @@
+//! Hare: a single-node AMQP 0-9-1 broker.
+//!
+//! Data flows one way through four layers; each module owns one concern:
+//!
+//! - [`config`]    — settings, filled by the CLI or built by tests.
+//! - [`net`]       — accept loop; one reader and one writer task per connection.
+//! - [`protocol`]  — what goes over the wire: frame I/O around amq-protocol's codec,
+//!   the batched outbox, content assembly, the connection and channel state machines,
+//!   and AMQP exceptions with RabbitMQ's reply codes.
+//! - [`model`]     — vhosts, exchanges and their routing tables, queues with their
+//!   ready/unacked messages and consumers. Pure logic: no sockets, no disk.
+//! - [`store`]     — the boundary to durable storage (sled arrives with durability).
+//!
+//! `model` decides, `protocol` speaks, `store` remembers.
+
+pub mod config;
+pub mod error;
+pub mod model;
+pub mod net;
+pub mod protocol;
+pub mod store;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::sync::watch;
+
+/// A broker running on its own thread and runtime, as tests and embedders use it.
+///
+/// Dropping it stops the broker: the listener closes and every connection is dropped.
+pub struct RunningBroker {
+    local_addr: SocketAddr,
+    shutdown: watch::Sender<bool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl RunningBroker {
+    /// Binds the listener now (so the port is known on return) and serves on a new thread.
+    pub fn start(config: config::Config) -> std::io::Result<Self> {
+        let listener = std::net::TcpListener::bind(config.listen)?;
+        listener.set_nonblocking(true)?;
+        let local_addr = listener.local_addr()?;
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("hare")
+            .enable_all()
+            .build()?;
+        let thread = std::thread::Builder::new()
+            .name("hare-broker".into())
+            .spawn(move || {
+                runtime.block_on(async move {
+                    let listener = tokio::net::TcpListener::from_std(listener)
+                        .expect("listener registers with the runtime");
+                    let broker = Arc::new(model::Broker::new(&config));
+                    net::serve(listener, broker, Arc::new(config), shutdown_rx).await;
+                });
+                runtime.shutdown_background();
+            })?;
+        Ok(RunningBroker {
+            local_addr,
+            shutdown,
+            thread: Some(thread),
+        })
+    }
+
+    /// The address the listener is bound to (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+}
+
+impl Drop for RunningBroker {
+    fn drop(&mut self) {
+        let _ = self.shutdown.send(true);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}

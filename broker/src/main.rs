@@ -1,0 +1,65 @@
+//! The `hare` binary: parse flags (each also an environment variable), set up
+//! logging, and serve AMQP until interrupted.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use clap::Parser;
+use hare_broker::config::Config;
+
+/// Hare: a single-node AMQP 0-9-1 message broker.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// Address AMQP clients connect to.
+    #[arg(long, env = "HARE_LISTEN", default_value = "0.0.0.0:5672")]
+    listen: SocketAddr,
+    /// Directory for durable state.
+    #[arg(long, env = "HARE_DATA_DIR", default_value = "./data")]
+    data_dir: PathBuf,
+    /// Largest frame offered in connection.tune, in bytes.
+    #[arg(long, env = "HARE_FRAME_MAX", default_value_t = 131_072)]
+    frame_max: u32,
+    /// Heartbeat interval offered in connection.tune, in seconds (0 disables).
+    #[arg(long, env = "HARE_HEARTBEAT", default_value_t = 60)]
+    heartbeat: u64,
+    /// Largest message body accepted, in bytes.
+    #[arg(long, env = "HARE_MAX_MESSAGE_SIZE", default_value_t = 134_217_728)]
+    max_message_size: u64,
+}
+
+fn main() -> std::io::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let config = Config {
+        listen: args.listen,
+        data_dir: args.data_dir,
+        frame_max: args.frame_max,
+        heartbeat: std::time::Duration::from_secs(args.heartbeat),
+        max_message_size: args.max_message_size,
+        ..Config::default()
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("hare")
+        .build()?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(config.listen).await?;
+        tracing::info!(listen = %listener.local_addr()?, data_dir = %config.data_dir.display(), "hare is accepting AMQP connections");
+        let broker = Arc::new(hare_broker::model::Broker::new(&config));
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            let _ = tokio::signal::ctrl_c().await;
+            tracing::info!("interrupted, stopping");
+            let _ = stop.send(true);
+        });
+        hare_broker::net::serve(listener, broker, Arc::new(config), stopped).await;
+        Ok(())
+    })
+}

@@ -1,0 +1,283 @@
+//! Exchanges and their routing tables.
+//!
+//! Bindings change rarely and publishes are constant, so each exchange keeps its
+//! bindings precompiled for its type: a hash index for direct, compiled patterns
+//! for topic, parsed rules for headers. Routing takes only this exchange's read lock.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use amq_protocol::types::FieldTable;
+use parking_lot::RwLock;
+
+use super::headers::HeadersRule;
+use super::queue::Queue;
+use super::topic::{split_key, TopicPattern};
+use crate::error::AmqpResult;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExchangeKind {
+    Direct,
+    Fanout,
+    Topic,
+    Headers,
+}
+
+impl ExchangeKind {
+    pub fn parse(name: &str) -> Option<Self> {
+        Some(match name {
+            "direct" => ExchangeKind::Direct,
+            "fanout" => ExchangeKind::Fanout,
+            "topic" => ExchangeKind::Topic,
+            "headers" => ExchangeKind::Headers,
+            _ => return None,
+        })
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ExchangeKind::Direct => "direct",
+            ExchangeKind::Fanout => "fanout",
+            ExchangeKind::Topic => "topic",
+            ExchangeKind::Headers => "headers",
+        }
+    }
+}
+
+/// What a binding points at: a queue, or another exchange (exchange.bind).
+#[derive(Clone)]
+pub enum Destination {
+    Queue(Arc<Queue>),
+    Exchange(Arc<Exchange>),
+}
+
+impl Destination {
+    pub fn same_as(&self, other: &Destination) -> bool {
+        match (self, other) {
+            (Destination::Queue(a), Destination::Queue(b)) => Arc::ptr_eq(a, b),
+            (Destination::Exchange(a), Destination::Exchange(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        }
+    }
+}
+
+/// How a binding decides, compiled from its key and arguments.
+#[derive(Clone)]
+enum Matcher {
+    Exact,
+    Everything,
+    Topic(TopicPattern),
+    Headers(HeadersRule),
+}
+
+#[derive(Clone)]
+struct Binding {
+    destination: Destination,
+    key: String,
+    arguments: FieldTable,
+    matcher: Matcher,
+}
+
+#[derive(Default)]
+struct BindingTable {
+    all: Vec<Binding>,
+    /// Direct exchanges only: routing key → destinations.
+    by_key: HashMap<String, Vec<Destination>>,
+}
+
+/// Declared properties of an exchange, compared on redeclare.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ExchangeOptions {
+    pub kind: ExchangeKind,
+    pub durable: bool,
+    pub auto_delete: bool,
+    pub internal: bool,
+    pub arguments: FieldTable,
+}
+
+pub struct Exchange {
+    pub name: String,
+    pub options: ExchangeOptions,
+    bindings: RwLock<BindingTable>,
+    deleted: AtomicBool,
+}
+
+/// Queues a message reaches, each once, however many bindings lead there.
+#[derive(Default)]
+pub struct Route {
+    pub queues: Vec<Arc<Queue>>,
+}
+
+impl Route {
+    fn add(&mut self, queue: &Arc<Queue>) {
+        if !self.queues.iter().any(|q| Arc::ptr_eq(q, queue)) {
+            self.queues.push(queue.clone());
+        }
+    }
+}
+
+/// Exchange-to-exchange chains deeper than this are cut (they only arise from cycles).
+const MAX_HOPS: usize = 32;
+
+impl Exchange {
+    pub fn new(name: String, options: ExchangeOptions) -> Self {
+        Exchange {
+            name,
+            options,
+            bindings: RwLock::new(BindingTable::default()),
+            deleted: AtomicBool::new(false),
+        }
+    }
+
+    pub fn is_deleted(&self) -> bool {
+        self.deleted.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn mark_deleted(&self) {
+        self.deleted.store(true, Ordering::Release);
+    }
+
+    fn compile(&self, key: &str, arguments: &FieldTable) -> AmqpResult<Matcher> {
+        Ok(match self.options.kind {
+            ExchangeKind::Direct => Matcher::Exact,
+            ExchangeKind::Fanout => Matcher::Everything,
+            ExchangeKind::Topic => Matcher::Topic(TopicPattern::compile(key)),
+            ExchangeKind::Headers => Matcher::Headers(HeadersRule::compile(arguments)?),
+        })
+    }
+
+    /// Adds a binding; binding the same (destination, key, arguments) twice is a no-op.
+    pub fn bind(
+        &self,
+        destination: Destination,
+        key: &str,
+        arguments: &FieldTable,
+    ) -> AmqpResult<()> {
+        let matcher = self.compile(key, arguments)?;
+        let mut table = self.bindings.write();
+        if table.all.iter().any(|b| {
+            b.destination.same_as(&destination) && b.key == key && &b.arguments == arguments
+        }) {
+            return Ok(());
+        }
+        if self.options.kind == ExchangeKind::Direct {
+            table
+                .by_key
+                .entry(key.to_owned())
+                .or_default()
+                .push(destination.clone());
+        }
+        table.all.push(Binding {
+            destination,
+            key: key.to_owned(),
+            arguments: arguments.clone(),
+            matcher,
+        });
+        Ok(())
+    }
+
+    /// Removes matching bindings; `arguments: None` removes every key match
+    /// (used when the destination itself goes away). Returns whether any existed.
+    pub fn unbind(
+        &self,
+        destination: &Destination,
+        key: Option<&str>,
+        arguments: Option<&FieldTable>,
+    ) -> bool {
+        let mut table = self.bindings.write();
+        let before = table.all.len();
+        table.all.retain(|b| {
+            !(b.destination.same_as(destination)
+                && key.is_none_or(|k| b.key == k)
+                && arguments.is_none_or(|a| &b.arguments == a))
+        });
+        let removed = table.all.len() != before;
+        if removed && self.options.kind == ExchangeKind::Direct {
+            let mut by_key: HashMap<String, Vec<Destination>> = HashMap::new();
+            for b in &table.all {
+                by_key
+                    .entry(b.key.clone())
+                    .or_default()
+                    .push(b.destination.clone());
+            }
+            table.by_key = by_key;
+        }
+        removed
+    }
+
+    pub fn has_bindings(&self) -> bool {
+        !self.bindings.read().all.is_empty()
+    }
+
+    pub fn has_binding(
+        &self,
+        destination: &Destination,
+        key: &str,
+        arguments: &FieldTable,
+    ) -> bool {
+        self.bindings.read().all.iter().any(|b| {
+            b.destination.same_as(destination) && b.key == key && &b.arguments == arguments
+        })
+    }
+
+    /// Collects the queues a message with this key and these headers reaches.
+    pub fn route(&self, routing_key: &str, headers: Option<&FieldTable>, route: &mut Route) {
+        let mut visited: Vec<*const Exchange> = Vec::new();
+        self.route_hop(routing_key, headers, route, &mut visited);
+    }
+
+    fn route_hop(
+        &self,
+        routing_key: &str,
+        headers: Option<&FieldTable>,
+        route: &mut Route,
+        visited: &mut Vec<*const Exchange>,
+    ) {
+        let me = self as *const Exchange;
+        if visited.contains(&me) || visited.len() >= MAX_HOPS {
+            return;
+        }
+        visited.push(me);
+        let mut onward: Vec<Arc<Exchange>> = Vec::new();
+        {
+            let table = self.bindings.read();
+            let mut take = |d: &Destination| match d {
+                Destination::Queue(q) => route.add(q),
+                Destination::Exchange(e) => onward.push(e.clone()),
+            };
+            match self.options.kind {
+                ExchangeKind::Direct => {
+                    if let Some(dests) = table.by_key.get(routing_key) {
+                        dests.iter().for_each(&mut take);
+                    }
+                }
+                ExchangeKind::Fanout => table.all.iter().for_each(|b| take(&b.destination)),
+                ExchangeKind::Topic => {
+                    let words = split_key(routing_key);
+                    for b in &table.all {
+                        if let Matcher::Topic(p) = &b.matcher {
+                            if p.matches(&words) {
+                                take(&b.destination);
+                            }
+                        }
+                    }
+                }
+                ExchangeKind::Headers => {
+                    for b in &table.all {
+                        if let Matcher::Headers(rule) = &b.matcher {
+                            if rule.matches(headers) {
+                                take(&b.destination);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        for exchange in onward {
+            if !exchange.is_deleted() {
+                exchange.route_hop(routing_key, headers, route, visited);
+            }
+        }
+    }
+}

@@ -1,0 +1,350 @@
+//! A queue: its ready messages, its consumers, and the count of deliveries
+//! awaiting acknowledgement.
+//!
+//! Each queue has its own short-held lock; nothing on the publish or deliver path
+//! takes a broker-wide lock. Lock order is queue → channel → connection outbox,
+//! and the acknowledgement path releases the channel before it takes a queue.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use amq_protocol::types::{FieldTable, ShortString};
+use parking_lot::Mutex;
+
+use super::message::Message;
+use crate::error::{AmqpError, AmqpResult};
+
+/// A message in a queue. `seq` is its position at enqueue time, so requeued
+/// messages go back where they were, as in RabbitMQ.
+#[derive(Clone, Debug)]
+pub struct QueuedMessage {
+    pub seq: u64,
+    pub message: Arc<Message>,
+    pub redelivered: bool,
+}
+
+/// One delivery handed to a consumer's channel.
+pub struct Delivery<'a> {
+    pub consumer_tag: &'a ShortString,
+    pub consumer_id: u64,
+    pub no_ack: bool,
+    pub message: QueuedMessage,
+}
+
+/// Where a consumer's deliveries go: implemented by the protocol layer's channel,
+/// so queues never see sockets.
+pub trait DeliverySink: Send + Sync {
+    /// False while the channel is closed, flow-stopped, over its channel-wide
+    /// prefetch, or its connection's outbox is backed up.
+    fn can_accept(&self) -> bool;
+    /// Writes the delivery; gives the message back if the channel closed meanwhile.
+    fn deliver(&self, queue: &Arc<Queue>, delivery: Delivery<'_>) -> Result<(), QueuedMessage>;
+    /// The queue went away under the consumer (basic.cancel from the server).
+    fn cancelled_by_server(&self, consumer_tag: &ShortString);
+}
+
+/// A consumer as the queue sees it.
+pub struct Consumer {
+    pub id: u64,
+    pub tag: ShortString,
+    pub no_ack: bool,
+    pub exclusive: bool,
+    /// Per-consumer prefetch (basic.qos global=false); 0 = unlimited.
+    pub prefetch: u32,
+    pub sink: Arc<dyn DeliverySink>,
+    in_flight: u32,
+}
+
+impl Consumer {
+    pub fn new(
+        id: u64,
+        tag: ShortString,
+        no_ack: bool,
+        exclusive: bool,
+        prefetch: u32,
+        sink: Arc<dyn DeliverySink>,
+    ) -> Self {
+        Consumer {
+            id,
+            tag,
+            no_ack,
+            exclusive,
+            prefetch,
+            sink,
+            in_flight: 0,
+        }
+    }
+
+    fn has_credit(&self) -> bool {
+        (self.no_ack || self.prefetch == 0 || self.in_flight < self.prefetch)
+            && self.sink.can_accept()
+    }
+}
+
+/// What a queue was declared with; compared on redeclare.
+#[derive(Clone, Debug, PartialEq)]
+pub struct QueueOptions {
+    pub durable: bool,
+    pub exclusive: bool,
+    pub auto_delete: bool,
+    pub arguments: FieldTable,
+}
+
+pub struct Queue {
+    pub name: String,
+    pub vhost: String,
+    pub options: QueueOptions,
+    /// Connection that owns an exclusive queue.
+    pub owner: Option<u64>,
+    state: Mutex<QueueState>,
+    deleted: AtomicBool,
+}
+
+#[derive(Default)]
+struct QueueState {
+    ready: VecDeque<QueuedMessage>,
+    next_seq: u64,
+    consumers: Vec<Consumer>,
+    /// Round-robin position among consumers.
+    cursor: usize,
+    unacked: u32,
+    had_consumer: bool,
+}
+
+impl QueueState {
+    /// Next consumer with credit, round robin from the cursor.
+    fn pick_consumer(&mut self) -> Option<usize> {
+        let n = self.consumers.len();
+        (0..n)
+            .map(|i| (self.cursor + i) % n)
+            .find(|&i| self.consumers[i].has_credit())
+    }
+
+    /// Hands `message` to consumer `idx`; false if the channel closed meanwhile
+    /// (then the message is back at the head of the queue).
+    fn hand_over(&mut self, queue: &Arc<Queue>, idx: usize, message: QueuedMessage) -> bool {
+        let consumer = &mut self.consumers[idx];
+        let delivery = Delivery {
+            consumer_tag: &consumer.tag,
+            consumer_id: consumer.id,
+            no_ack: consumer.no_ack,
+            message,
+        };
+        match consumer.sink.deliver(queue, delivery) {
+            Ok(()) => {
+                if !consumer.no_ack {
+                    consumer.in_flight += 1;
+                    self.unacked += 1;
+                }
+                self.cursor = (idx + 1) % self.consumers.len();
+                true
+            }
+            Err(message) => {
+                self.ready.push_front(message);
+                false
+            }
+        }
+    }
+
+    fn dispatch(&mut self, queue: &Arc<Queue>) {
+        while !self.ready.is_empty() {
+            let Some(idx) = self.pick_consumer() else {
+                return;
+            };
+            let message = self.ready.pop_front().expect("checked non-empty");
+            if !self.hand_over(queue, idx, message) {
+                return;
+            }
+        }
+    }
+
+    fn settle_one(&mut self, consumer: Option<u64>) {
+        self.unacked = self.unacked.saturating_sub(1);
+        if let Some(id) = consumer {
+            if let Some(c) = self.consumers.iter_mut().find(|c| c.id == id) {
+                c.in_flight = c.in_flight.saturating_sub(1);
+            }
+        }
+    }
+}
+
+/// Counts reported by queue.declare-ok, purge-ok and delete-ok.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct QueueCounts {
+    pub messages: u32,
+    pub consumers: u32,
+}
+
+impl Queue {
+    pub fn new(name: String, vhost: String, options: QueueOptions, owner: Option<u64>) -> Self {
+        Queue {
+            name,
+            vhost,
+            options,
+            owner,
+            state: Mutex::new(QueueState::default()),
+            deleted: AtomicBool::new(false),
+        }
+    }
+
+    pub fn is_deleted(&self) -> bool {
+        self.deleted.load(Ordering::Acquire)
+    }
+
+    /// Enqueues a routed message, handing it straight to a consumer when one has credit.
+    pub fn publish(self: &Arc<Self>, message: Arc<Message>) {
+        let mut st = self.state.lock();
+        if self.is_deleted() {
+            return;
+        }
+        let seq = st.next_seq;
+        st.next_seq += 1;
+        let queued = QueuedMessage {
+            seq,
+            message,
+            redelivered: false,
+        };
+        if st.ready.is_empty() {
+            if let Some(idx) = st.pick_consumer() {
+                st.hand_over(self, idx, queued);
+                return;
+            }
+        }
+        st.ready.push_back(queued);
+    }
+
+    pub fn counts(&self) -> QueueCounts {
+        let st = self.state.lock();
+        QueueCounts {
+            messages: st.ready.len() as u32,
+            consumers: st.consumers.len() as u32,
+        }
+    }
+
+    /// Adds a consumer; `on_accept` runs once the checks pass and before the
+    /// first delivery, so consume-ok always precedes the consumer's messages.
+    pub fn add_consumer(
+        self: &Arc<Self>,
+        consumer: Consumer,
+        on_accept: impl FnOnce(),
+    ) -> AmqpResult<()> {
+        let mut st = self.state.lock();
+        if st.consumers.iter().any(|c| c.exclusive)
+            || (consumer.exclusive && !st.consumers.is_empty())
+        {
+            return Err(AmqpError::access_refused(format!(
+                "queue '{}' in vhost '{}' in exclusive use",
+                self.name, self.vhost
+            )));
+        }
+        on_accept();
+        st.consumers.push(consumer);
+        st.had_consumer = true;
+        st.dispatch(self);
+        Ok(())
+    }
+
+    /// Removes a consumer; true when an auto-delete queue just lost its last one
+    /// and should now be deleted.
+    pub fn remove_consumer(&self, id: u64) -> bool {
+        let mut st = self.state.lock();
+        st.consumers.retain(|c| c.id != id);
+        if st.cursor >= st.consumers.len() {
+            st.cursor = 0;
+        }
+        self.options.auto_delete && st.had_consumer && st.consumers.is_empty()
+    }
+
+    /// basic.get: the head message and how many remain.
+    pub fn get(&self, no_ack: bool) -> Option<(QueuedMessage, u32)> {
+        let mut st = self.state.lock();
+        let message = st.ready.pop_front()?;
+        if !no_ack {
+            st.unacked += 1;
+        }
+        Some((message, st.ready.len() as u32))
+    }
+
+    /// Acknowledged (or discarded) deliveries: frees the consumers' credit.
+    pub fn settle(self: &Arc<Self>, consumers: impl IntoIterator<Item = Option<u64>>) {
+        let mut st = self.state.lock();
+        for consumer in consumers {
+            st.settle_one(consumer);
+        }
+        st.dispatch(self);
+    }
+
+    /// Puts deliveries back at their original positions, marked redelivered.
+    pub fn requeue(self: &Arc<Self>, items: Vec<(Option<u64>, QueuedMessage)>) {
+        let mut st = self.state.lock();
+        let mut messages = Vec::with_capacity(items.len());
+        for (consumer, mut message) in items {
+            st.settle_one(consumer);
+            message.redelivered = true;
+            messages.push(message);
+        }
+        if self.is_deleted() {
+            return;
+        }
+        messages.sort_unstable_by_key(|m| m.seq);
+        let all_before_head = match (messages.last(), st.ready.front()) {
+            (Some(last), Some(head)) => last.seq < head.seq,
+            _ => true,
+        };
+        if all_before_head {
+            for message in messages.into_iter().rev() {
+                st.ready.push_front(message);
+            }
+        } else {
+            let old = std::mem::take(&mut st.ready);
+            let mut merged = VecDeque::with_capacity(old.len() + messages.len());
+            let mut old = old.into_iter().peekable();
+            let mut new = messages.into_iter().peekable();
+            loop {
+                let take_new = match (new.peek(), old.peek()) {
+                    (Some(n), Some(o)) => n.seq < o.seq,
+                    (Some(_), None) => true,
+                    (None, Some(_)) => false,
+                    (None, None) => break,
+                };
+                let next = if take_new { new.next() } else { old.next() };
+                merged.push_back(next.expect("peeked"));
+            }
+            st.ready = merged;
+        }
+        st.dispatch(self);
+    }
+
+    /// Tries to hand ready messages to consumers whose channels regained capacity.
+    pub fn dispatch(self: &Arc<Self>) {
+        self.state.lock().dispatch(self);
+    }
+
+    /// queue.purge: drops ready messages (not unacked ones), returns how many.
+    pub fn purge(&self) -> u32 {
+        let mut st = self.state.lock();
+        let n = st.ready.len() as u32;
+        st.ready.clear();
+        n
+    }
+
+    /// Marks the queue deleted, drops its messages, tells consumers' channels.
+    pub fn delete(&self) -> u32 {
+        let (count, consumers) = {
+            let mut st = self.state.lock();
+            self.deleted.store(true, Ordering::Release);
+            let count = st.ready.len() as u32;
+            st.ready.clear();
+            (count, std::mem::take(&mut st.consumers))
+        };
+        for consumer in consumers {
+            consumer.sink.cancelled_by_server(&consumer.tag);
+        }
+        count
+    }
+
+    pub fn unacked(&self) -> u32 {
+        self.state.lock().unacked
+    }
+}

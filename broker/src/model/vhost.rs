@@ -1,0 +1,521 @@
+//! A virtual host: the namespace of exchanges and queues, and the rules for
+//! declaring, binding and deleting them (RabbitMQ's checks and texts).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use amq_protocol::types::{AMQPValue, FieldTable};
+use parking_lot::RwLock;
+
+use super::exchange::{Destination, Exchange, ExchangeKind, ExchangeOptions};
+use super::queue::{Queue, QueueCounts, QueueOptions};
+use crate::error::{code, AmqpError, AmqpResult};
+
+/// Exchanges every vhost has, which clients may use but not delete or redefine.
+const PREDECLARED: &[(&str, ExchangeKind)] = &[
+    ("", ExchangeKind::Direct),
+    ("amq.direct", ExchangeKind::Direct),
+    ("amq.fanout", ExchangeKind::Fanout),
+    ("amq.topic", ExchangeKind::Topic),
+    ("amq.headers", ExchangeKind::Headers),
+    ("amq.match", ExchangeKind::Headers),
+];
+
+/// Queue arguments whose values must match on redeclare (others are ignored, as in RabbitMQ).
+const COMPARED_QUEUE_ARGS: &[&str] = &[
+    "x-dead-letter-exchange",
+    "x-dead-letter-routing-key",
+    "x-expires",
+    "x-max-length",
+    "x-max-length-bytes",
+    "x-max-priority",
+    "x-message-ttl",
+    "x-overflow",
+    "x-queue-mode",
+    "x-queue-type",
+    "x-single-active-consumer",
+];
+
+pub struct VHost {
+    pub name: String,
+    exchanges: RwLock<HashMap<String, Arc<Exchange>>>,
+    queues: RwLock<HashMap<String, Arc<Queue>>>,
+}
+
+/// A queue.declare request.
+pub struct QueueDeclare<'a> {
+    pub name: &'a str,
+    pub passive: bool,
+    pub options: QueueOptions,
+    /// The declaring connection (exclusive queues belong to it).
+    pub connection: u64,
+}
+
+/// An exchange.declare request.
+pub struct ExchangeDeclare<'a> {
+    pub name: &'a str,
+    pub kind: &'a str,
+    pub passive: bool,
+    pub durable: bool,
+    pub auto_delete: bool,
+    pub internal: bool,
+    pub arguments: &'a FieldTable,
+}
+
+fn yes_no(b: bool) -> &'static str {
+    if b {
+        "true"
+    } else {
+        "false"
+    }
+}
+
+impl VHost {
+    pub fn new(name: &str) -> Self {
+        let vhost = VHost {
+            name: name.to_owned(),
+            exchanges: RwLock::new(HashMap::new()),
+            queues: RwLock::new(HashMap::new()),
+        };
+        for (ex_name, kind) in PREDECLARED {
+            let options = ExchangeOptions {
+                kind: *kind,
+                durable: true,
+                auto_delete: false,
+                internal: false,
+                arguments: FieldTable::default(),
+            };
+            vhost.exchanges.write().insert(
+                (*ex_name).to_owned(),
+                Arc::new(Exchange::new((*ex_name).to_owned(), options)),
+            );
+        }
+        vhost
+    }
+
+    fn no_exchange(&self, name: &str) -> AmqpError {
+        AmqpError::not_found(format!("no exchange '{name}' in vhost '{}'", self.name))
+    }
+
+    fn no_queue(&self, name: &str) -> AmqpError {
+        AmqpError::not_found(format!("no queue '{name}' in vhost '{}'", self.name))
+    }
+
+    pub fn exchange(&self, name: &str) -> AmqpResult<Arc<Exchange>> {
+        self.exchanges
+            .read()
+            .get(name)
+            .cloned()
+            .ok_or_else(|| self.no_exchange(name))
+    }
+
+    /// Looks a queue up; exclusive queues of other connections are locked (405).
+    pub fn queue(&self, name: &str, connection: u64) -> AmqpResult<Arc<Queue>> {
+        let queue = self
+            .queues
+            .read()
+            .get(name)
+            .cloned()
+            .ok_or_else(|| self.no_queue(name))?;
+        self.check_owner(&queue, connection)?;
+        Ok(queue)
+    }
+
+    /// Looks a queue up for publishing: the default exchange routes by queue name,
+    /// and publishing to another connection's exclusive queue is allowed.
+    pub fn queue_for_publish(&self, name: &str) -> Option<Arc<Queue>> {
+        self.queues.read().get(name).cloned()
+    }
+
+    fn check_owner(&self, queue: &Queue, connection: u64) -> AmqpResult<()> {
+        match queue.owner {
+            Some(owner) if owner != connection => Err(AmqpError::locked(format!(
+                "cannot obtain exclusive access to locked queue '{}' in vhost '{}'. It could be originally declared on another connection or the exclusive property value does not match that of the original declaration.",
+                queue.name, self.name
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    pub fn declare_exchange(&self, req: &ExchangeDeclare<'_>) -> AmqpResult<()> {
+        if req.passive {
+            self.exchange(req.name)?;
+            return Ok(());
+        }
+        if req.name.is_empty() {
+            return Err(AmqpError::access_refused(format!(
+                "operation not permitted on the default exchange"
+            )));
+        }
+        let kind = ExchangeKind::parse(req.kind).ok_or_else(|| {
+            AmqpError::connection(
+                code::COMMAND_INVALID,
+                format!("invalid exchange type '{}'", req.kind),
+            )
+        })?;
+        let wanted = ExchangeOptions {
+            kind,
+            durable: req.durable,
+            auto_delete: req.auto_delete,
+            internal: req.internal,
+            arguments: req.arguments.clone(),
+        };
+        let mut exchanges = self.exchanges.write();
+        if let Some(existing) = exchanges.get(req.name) {
+            return self.check_exchange_equivalent(existing, &wanted);
+        }
+        if req.name.starts_with("amq.") {
+            return Err(AmqpError::access_refused(format!(
+                "exchange name '{}' contains reserved prefix 'amq.*'",
+                req.name
+            )));
+        }
+        exchanges.insert(
+            req.name.to_owned(),
+            Arc::new(Exchange::new(req.name.to_owned(), wanted)),
+        );
+        Ok(())
+    }
+
+    fn check_exchange_equivalent(
+        &self,
+        existing: &Exchange,
+        wanted: &ExchangeOptions,
+    ) -> AmqpResult<()> {
+        let have = &existing.options;
+        let mismatch = |arg: &str, received: &str, current: &str| {
+            Err(AmqpError::precondition(format!(
+                "inequivalent arg '{arg}' for exchange '{}' in vhost '{}': received '{received}' but current is '{current}'",
+                existing.name, self.name
+            )))
+        };
+        if have.kind != wanted.kind {
+            return mismatch("type", wanted.kind.as_str(), have.kind.as_str());
+        }
+        if have.durable != wanted.durable {
+            return mismatch("durable", yes_no(wanted.durable), yes_no(have.durable));
+        }
+        if have.auto_delete != wanted.auto_delete {
+            return mismatch(
+                "auto_delete",
+                yes_no(wanted.auto_delete),
+                yes_no(have.auto_delete),
+            );
+        }
+        if have.internal != wanted.internal {
+            return mismatch("internal", yes_no(wanted.internal), yes_no(have.internal));
+        }
+        Ok(())
+    }
+
+    pub fn delete_exchange(&self, name: &str, if_unused: bool) -> AmqpResult<()> {
+        if name.is_empty() || PREDECLARED.iter().any(|(n, _)| *n == name) {
+            return Err(AmqpError::access_refused(format!(
+                "operation not permitted on the default exchange"
+            ))
+            .with_detail_if(!name.is_empty(), || {
+                format!(
+                    "deletion of system exchange '{name}' in vhost '{}' is not allowed",
+                    self.name
+                )
+            }));
+        }
+        let exchange = {
+            let mut exchanges = self.exchanges.write();
+            let Some(exchange) = exchanges.get(name).cloned() else {
+                return Ok(());
+            };
+            if if_unused && exchange.has_bindings() {
+                return Err(AmqpError::precondition(format!(
+                    "exchange '{name}' in vhost '{}' in use",
+                    self.name
+                )));
+            }
+            exchanges.remove(name);
+            exchange.mark_deleted();
+            exchange
+        };
+        self.forget_destination(&Destination::Exchange(exchange));
+        Ok(())
+    }
+
+    /// Removes every binding that leads to `destination`, deleting auto-delete
+    /// exchanges left without bindings.
+    fn forget_destination(&self, destination: &Destination) {
+        let exchanges: Vec<Arc<Exchange>> = self.exchanges.read().values().cloned().collect();
+        for exchange in exchanges {
+            if exchange.unbind(destination, None, None) {
+                self.maybe_auto_delete(&exchange);
+            }
+        }
+    }
+
+    fn maybe_auto_delete(&self, exchange: &Arc<Exchange>) {
+        if exchange.options.auto_delete && !exchange.has_bindings() {
+            let _ = self.delete_exchange(&exchange.name, true);
+        }
+    }
+
+    /// Declares (or checks) a queue; returns its name (generated when empty) and counts.
+    pub fn declare_queue(&self, req: QueueDeclare<'_>) -> AmqpResult<(Arc<Queue>, QueueCounts)> {
+        if req.passive {
+            let name = req.name;
+            let queue = self.queue(name, req.connection)?;
+            let counts = queue.counts();
+            return Ok((queue, counts));
+        }
+        let name = if req.name.is_empty() {
+            generated_name("amq.gen-")
+        } else if req.name.starts_with("amq.") {
+            return Err(AmqpError::access_refused(format!(
+                "queue name '{}' contains reserved prefix 'amq.*'",
+                req.name
+            )));
+        } else {
+            req.name.to_owned()
+        };
+        let mut queues = self.queues.write();
+        if let Some(existing) = queues.get(&name).cloned() {
+            drop(queues);
+            self.check_owner(&existing, req.connection)?;
+            self.check_queue_equivalent(&existing, &req.options)?;
+            let counts = existing.counts();
+            return Ok((existing, counts));
+        }
+        let owner = req.options.exclusive.then_some(req.connection);
+        let queue = Arc::new(Queue::new(
+            name.clone(),
+            self.name.clone(),
+            req.options,
+            owner,
+        ));
+        queues.insert(name, queue.clone());
+        drop(queues);
+        // Every queue is bound to the default exchange under its own name; that
+        // binding is implicit (the default exchange looks queues up by name).
+        Ok((queue, QueueCounts::default()))
+    }
+
+    fn check_queue_equivalent(&self, existing: &Queue, wanted: &QueueOptions) -> AmqpResult<()> {
+        let have = &existing.options;
+        let mismatch = |arg: &str, received: String, current: String| {
+            Err(AmqpError::precondition(format!(
+                "inequivalent arg '{arg}' for queue '{}' in vhost '{}': received {received} but current is {current}",
+                existing.name, self.name
+            )))
+        };
+        if have.durable != wanted.durable {
+            return mismatch(
+                "durable",
+                format!("'{}'", yes_no(wanted.durable)),
+                format!("'{}'", yes_no(have.durable)),
+            );
+        }
+        if have.exclusive != wanted.exclusive {
+            return mismatch(
+                "exclusive",
+                format!("'{}'", yes_no(wanted.exclusive)),
+                format!("'{}'", yes_no(have.exclusive)),
+            );
+        }
+        if have.auto_delete != wanted.auto_delete {
+            return mismatch(
+                "auto_delete",
+                format!("'{}'", yes_no(wanted.auto_delete)),
+                format!("'{}'", yes_no(have.auto_delete)),
+            );
+        }
+        for arg in COMPARED_QUEUE_ARGS {
+            let a = wanted.arguments.inner().get(*arg);
+            let b = have.arguments.inner().get(*arg);
+            if !same_argument(a, b) {
+                return mismatch(arg, describe_arg(a), describe_arg(b));
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes a queue; returns the number of ready messages it held.
+    pub fn delete_queue(
+        &self,
+        name: &str,
+        connection: u64,
+        if_unused: bool,
+        if_empty: bool,
+    ) -> AmqpResult<u32> {
+        let Some(queue) = self.queues.read().get(name).cloned() else {
+            return Ok(0);
+        };
+        self.check_owner(&queue, connection)?;
+        let counts = queue.counts();
+        if if_unused && counts.consumers > 0 {
+            return Err(AmqpError::precondition(format!(
+                "queue '{name}' in vhost '{}' in use",
+                self.name
+            )));
+        }
+        if if_empty && counts.messages > 0 {
+            return Err(AmqpError::precondition(format!(
+                "queue '{name}' in vhost '{}' is not empty",
+                self.name
+            )));
+        }
+        Ok(self.remove_queue(&queue))
+    }
+
+    /// Unconditional removal (exclusive owner gone, auto-delete, queue.delete).
+    pub fn remove_queue(&self, queue: &Arc<Queue>) -> u32 {
+        {
+            let mut queues = self.queues.write();
+            match queues.get(&queue.name) {
+                Some(q) if Arc::ptr_eq(q, queue) => {
+                    queues.remove(&queue.name);
+                }
+                _ => return 0,
+            }
+        }
+        let count = queue.delete();
+        self.forget_destination(&Destination::Queue(queue.clone()));
+        count
+    }
+
+    /// Exclusive queues of a closing connection.
+    pub fn queues_owned_by(&self, connection: u64) -> Vec<Arc<Queue>> {
+        self.queues
+            .read()
+            .values()
+            .filter(|q| q.owner == Some(connection))
+            .cloned()
+            .collect()
+    }
+
+    pub fn bind_queue(
+        &self,
+        queue: &str,
+        exchange: &str,
+        key: &str,
+        arguments: &FieldTable,
+        connection: u64,
+    ) -> AmqpResult<()> {
+        let queue = self.queue(queue, connection)?;
+        let exchange = self.bindable_exchange(exchange)?;
+        exchange.bind(Destination::Queue(queue), key, arguments)
+    }
+
+    pub fn unbind_queue(
+        &self,
+        queue: &str,
+        exchange: &str,
+        key: &str,
+        arguments: &FieldTable,
+        connection: u64,
+    ) -> AmqpResult<()> {
+        let queue = self.queue(queue, connection)?;
+        let exchange = self.bindable_exchange(exchange)?;
+        if exchange.unbind(&Destination::Queue(queue), Some(key), Some(arguments)) {
+            self.maybe_auto_delete(&exchange);
+        }
+        Ok(())
+    }
+
+    pub fn bind_exchange(
+        &self,
+        destination: &str,
+        source: &str,
+        key: &str,
+        arguments: &FieldTable,
+    ) -> AmqpResult<()> {
+        let destination = self.bindable_exchange(destination)?;
+        let source = self.bindable_exchange(source)?;
+        source.bind(Destination::Exchange(destination), key, arguments)
+    }
+
+    pub fn unbind_exchange(
+        &self,
+        destination: &str,
+        source: &str,
+        key: &str,
+        arguments: &FieldTable,
+    ) -> AmqpResult<()> {
+        let destination = self.bindable_exchange(destination)?;
+        let source = self.bindable_exchange(source)?;
+        if source.unbind(
+            &Destination::Exchange(destination),
+            Some(key),
+            Some(arguments),
+        ) {
+            self.maybe_auto_delete(&source);
+        }
+        Ok(())
+    }
+
+    /// The default exchange takes no explicit bindings (403, as in RabbitMQ).
+    fn bindable_exchange(&self, name: &str) -> AmqpResult<Arc<Exchange>> {
+        if name.is_empty() {
+            return Err(AmqpError::access_refused(
+                "operation not permitted on the default exchange".to_string(),
+            ));
+        }
+        self.exchange(name)
+    }
+}
+
+impl AmqpError {
+    fn with_detail_if(self, cond: bool, detail: impl FnOnce() -> String) -> Self {
+        if cond {
+            AmqpError::new(self.scope, self.code, detail())
+        } else {
+            self
+        }
+    }
+}
+
+/// RabbitMQ compares argument values, with integers equal across widths.
+fn same_argument(a: Option<&AMQPValue>, b: Option<&AMQPValue>) -> bool {
+    match (a, b) {
+        (None, None) => true,
+        (Some(x), Some(y)) => match (integer(x), integer(y)) {
+            (Some(i), Some(j)) => i == j,
+            _ => x == y,
+        },
+        _ => false,
+    }
+}
+
+fn integer(v: &AMQPValue) -> Option<i128> {
+    Some(match *v {
+        AMQPValue::ShortShortInt(v) => v.into(),
+        AMQPValue::ShortShortUInt(v) => v.into(),
+        AMQPValue::ShortInt(v) => v.into(),
+        AMQPValue::ShortUInt(v) => v.into(),
+        AMQPValue::LongInt(v) => v.into(),
+        AMQPValue::LongUInt(v) => v.into(),
+        AMQPValue::LongLongInt(v) => v.into(),
+        _ => return None,
+    })
+}
+
+fn describe_arg(v: Option<&AMQPValue>) -> String {
+    match v {
+        None => "none".to_string(),
+        Some(AMQPValue::LongString(s)) => format!(
+            "the value '{}' of type 'longstr'",
+            String::from_utf8_lossy(s.as_bytes())
+        ),
+        Some(v) => match integer(v) {
+            Some(i) => format!("the value '{i}' of type 'long'"),
+            None => format!("the value '{v:?}'"),
+        },
+    }
+}
+
+/// Names like RabbitMQ's `amq.gen-XXXXXXXXXXXXXXXXXXXXXX` (random, URL-safe).
+pub fn generated_name(prefix: &str) -> String {
+    use rand::Rng;
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut rng = rand::rng();
+    let suffix: String = (0..22)
+        .map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char)
+        .collect();
+    format!("{prefix}{suffix}")
+}

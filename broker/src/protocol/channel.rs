@@ -1,0 +1,782 @@
+//! One AMQP channel as its connection task sees it: reassembling published
+//! content, answering methods, and keeping publisher-confirm and transaction
+//! state. What other tasks must reach (deliveries, unacked messages, consumers)
+//! lives in [`ChannelShared`].
+
+use std::sync::Arc;
+
+use amq_protocol::protocol::{
+    basic, channel, confirm, exchange, queue, tx, AMQPClass, BasicProperties,
+};
+use amq_protocol::types::ShortString;
+use bytes::{Bytes, BytesMut};
+
+use super::delivery::{ChannelShared, ConsumerRef, Unacked};
+use super::outbox::Outbox;
+use crate::config::Config;
+use crate::error::{code, AmqpError, AmqpResult};
+use crate::model::exchange::{Exchange, Route};
+use crate::model::message::Message;
+use crate::model::queue::{Consumer, Queue, QueueOptions};
+use crate::model::vhost::{generated_name, ExchangeDeclare, QueueDeclare, VHost};
+use crate::model::Broker;
+
+/// What a channel needs from its connection to handle a method.
+pub struct Context<'a> {
+    pub broker: &'a Broker,
+    pub vhost: &'a Arc<VHost>,
+    pub connection_id: u64,
+    pub config: &'a Config,
+}
+
+/// A publish whose header and body frames are still arriving.
+struct Incoming {
+    publish: basic::Publish,
+    header: Option<(Box<BasicProperties>, Bytes, u64)>,
+    body: Body,
+}
+
+enum Body {
+    Empty,
+    One(Bytes),
+    Many(BytesMut),
+}
+
+impl Body {
+    fn len(&self) -> usize {
+        match self {
+            Body::Empty => 0,
+            Body::One(b) => b.len(),
+            Body::Many(b) => b.len(),
+        }
+    }
+
+    /// Single-frame bodies (the common case) stay the frame's own bytes.
+    fn push(&mut self, chunk: Bytes, expected: u64) {
+        *self = match std::mem::replace(self, Body::Empty) {
+            Body::Empty => Body::One(chunk),
+            Body::One(first) => {
+                let mut all = BytesMut::with_capacity(expected as usize);
+                all.extend_from_slice(&first);
+                all.extend_from_slice(&chunk);
+                Body::Many(all)
+            }
+            Body::Many(mut all) => {
+                all.extend_from_slice(&chunk);
+                Body::Many(all)
+            }
+        }
+    }
+
+    fn freeze(self) -> Bytes {
+        match self {
+            Body::Empty => Bytes::new(),
+            Body::One(b) => b,
+            Body::Many(b) => b.freeze(),
+        }
+    }
+}
+
+/// Publisher confirms: every publish succeeds once routed (nothing is stored yet),
+/// so the channel only tracks how far it has confirmed and acks in batches.
+#[derive(Default)]
+struct Confirms {
+    published: u64,
+    confirmed: u64,
+}
+
+/// tx.select: publishes and settlements wait for tx.commit.
+#[derive(Default)]
+struct Transaction {
+    publishes: Vec<(basic::Publish, Arc<Message>)>,
+    settlements: Vec<(Vec<Unacked>, Settle)>,
+}
+
+#[derive(Clone, Copy)]
+enum Settle {
+    Ack,
+    Discard,
+    Requeue,
+}
+
+pub struct Channel {
+    pub shared: Arc<ChannelShared>,
+    /// We sent channel.close and wait for close-ok; everything else is dropped.
+    pub closing: bool,
+    incoming: Option<Incoming>,
+    confirms: Option<Confirms>,
+    tx: Option<Transaction>,
+    /// basic.qos global=false: the prefetch given to consumers created from now on.
+    consumer_prefetch: u32,
+    /// The last exchange published to, so the hot path skips the vhost lookup.
+    last_exchange: Option<Arc<Exchange>>,
+    /// Queue name that an empty queue name refers to (AMQP's "current queue").
+    last_queue: Option<String>,
+}
+
+/// Where a frame-level failure of the content sequence goes: always the connection.
+fn unexpected(detail: impl std::fmt::Display) -> AmqpError {
+    AmqpError::connection(code::UNEXPECTED_FRAME, detail)
+}
+
+impl Channel {
+    pub fn new(id: u16, outbox: Arc<Outbox>, cancel_notify: bool) -> Self {
+        Channel {
+            shared: ChannelShared::new(id, outbox, cancel_notify),
+            closing: false,
+            incoming: None,
+            confirms: None,
+            tx: None,
+            consumer_prefetch: 0,
+            last_exchange: None,
+            last_queue: None,
+        }
+    }
+
+    fn id(&self) -> u16 {
+        self.shared.id
+    }
+
+    fn reply(&self, method: AMQPClass) {
+        self.shared.outbox().send_method(self.id(), method);
+    }
+
+    /// True when this channel has publishes to confirm at the end of a read batch.
+    pub fn has_unsent_confirms(&self) -> bool {
+        self.confirms
+            .as_ref()
+            .is_some_and(|c| c.confirmed < c.published)
+    }
+
+    /// Acks everything published since the last flush in one basic.ack.
+    pub fn flush_confirms(&mut self) {
+        let Some(c) = self.confirms.as_mut() else {
+            return;
+        };
+        if c.confirmed == c.published {
+            return;
+        }
+        let multiple = c.published - c.confirmed > 1;
+        let tag = c.published;
+        c.confirmed = c.published;
+        self.reply(AMQPClass::Basic(basic::AMQPMethod::Ack(basic::Ack {
+            delivery_tag: tag,
+            multiple,
+        })));
+    }
+
+    // ---- content frames ----------------------------------------------------
+
+    pub fn on_header(
+        &mut self,
+        ctx: &Context<'_>,
+        class_id: u16,
+        body_size: u64,
+        properties: Box<BasicProperties>,
+        raw: Bytes,
+    ) -> AmqpResult<()> {
+        let Some(incoming) = self.incoming.as_mut() else {
+            return Err(unexpected(format!(
+                "expected method frame, got non method frame instead (content header on channel {})",
+                self.id()
+            )));
+        };
+        if incoming.header.is_some() {
+            return Err(unexpected(
+                "expected content body, got content header instead",
+            ));
+        }
+        if class_id != 60 {
+            return Err(unexpected(format!(
+                "content header for class {class_id}, expected 60"
+            )));
+        }
+        if body_size > ctx.config.max_message_size {
+            self.incoming = None;
+            return Err(AmqpError::precondition(format!(
+                "message size {body_size} is larger than configured max size {}",
+                ctx.config.max_message_size
+            ))
+            .in_method(60, 40));
+        }
+        incoming.header = Some((properties, raw, body_size));
+        if body_size == 0 {
+            return self.complete_publish(ctx);
+        }
+        Ok(())
+    }
+
+    pub fn on_body(&mut self, ctx: &Context<'_>, chunk: Bytes) -> AmqpResult<()> {
+        let Some(incoming) = self.incoming.as_mut() else {
+            return Err(unexpected(format!(
+                "expected method frame, got non method frame instead (content body on channel {})",
+                self.id()
+            )));
+        };
+        let Some((_, _, expected)) = incoming.header.as_ref() else {
+            return Err(unexpected(
+                "expected content header, got content body instead",
+            ));
+        };
+        let expected = *expected;
+        if (incoming.body.len() + chunk.len()) as u64 > expected {
+            return Err(unexpected(format!(
+                "content body exceeds the {expected} bytes its header announced"
+            )));
+        }
+        incoming.body.push(chunk, expected);
+        if incoming.body.len() as u64 == expected {
+            return self.complete_publish(ctx);
+        }
+        Ok(())
+    }
+
+    /// A method may not interrupt content: RabbitMQ closes the connection with 505.
+    pub fn check_not_in_content(&self) -> AmqpResult<()> {
+        match &self.incoming {
+            None => Ok(()),
+            Some(i) if i.header.is_none() => Err(unexpected(
+                "expected content header for class 60, got non content header frame instead",
+            )),
+            Some(_) => Err(unexpected(
+                "expected content body, got non content body frame instead",
+            )),
+        }
+    }
+
+    fn complete_publish(&mut self, ctx: &Context<'_>) -> AmqpResult<()> {
+        let incoming = self.incoming.take().expect("content in progress");
+        let (properties, raw_header, _) = incoming.header.expect("header received");
+        let publish = incoming.publish;
+        let message = Arc::new(Message {
+            exchange: publish.exchange.clone(),
+            routing_key: publish.routing_key.clone(),
+            properties: *properties,
+            raw_header,
+            body: incoming.body.freeze(),
+        });
+        let exchange = self.resolve_exchange(ctx, publish.exchange.as_str())?;
+        if let Some(tx) = self.tx.as_mut() {
+            tx.publishes.push((publish, message));
+            return Ok(());
+        }
+        self.route(ctx, exchange.as_ref(), &publish, message);
+        if let Some(c) = self.confirms.as_mut() {
+            c.published += 1;
+        }
+        Ok(())
+    }
+
+    /// `None` is the default exchange, which routes by queue name.
+    fn resolve_exchange(
+        &mut self,
+        ctx: &Context<'_>,
+        name: &str,
+    ) -> AmqpResult<Option<Arc<Exchange>>> {
+        if name.is_empty() {
+            return Ok(None);
+        }
+        if let Some(e) = &self.last_exchange {
+            if e.name == name && !e.is_deleted() {
+                return Ok(Some(e.clone()));
+            }
+        }
+        let exchange = ctx.vhost.exchange(name).map_err(|e| e.in_method(60, 40))?;
+        if exchange.options.internal {
+            return Err(AmqpError::access_refused(format!(
+                "cannot publish to internal exchange '{name}' in vhost '{}'",
+                ctx.vhost.name
+            ))
+            .in_method(60, 40));
+        }
+        self.last_exchange = Some(exchange.clone());
+        Ok(Some(exchange))
+    }
+
+    fn route(
+        &self,
+        ctx: &Context<'_>,
+        exchange: Option<&Arc<Exchange>>,
+        publish: &basic::Publish,
+        message: Arc<Message>,
+    ) {
+        let mut route = Route::default();
+        match exchange {
+            Some(e) => e.route(publish.routing_key.as_str(), message.headers(), &mut route),
+            None => route
+                .queues
+                .extend(ctx.vhost.queue_for_publish(publish.routing_key.as_str())),
+        }
+        if route.queues.is_empty() {
+            if publish.mandatory {
+                let method = AMQPClass::Basic(basic::AMQPMethod::Return(basic::Return {
+                    reply_code: code::NO_ROUTE,
+                    reply_text: "NO_ROUTE".into(),
+                    exchange: publish.exchange.clone(),
+                    routing_key: publish.routing_key.clone(),
+                }));
+                self.shared.outbox().send_content(
+                    self.id(),
+                    method,
+                    &message.raw_header,
+                    &message.body,
+                );
+            }
+            return;
+        }
+        let last = route.queues.len() - 1;
+        let mut message = Some(message);
+        for (i, queue) in route.queues.iter().enumerate() {
+            let m = if i == last {
+                message.take().expect("moved once")
+            } else {
+                message.clone().expect("still here")
+            };
+            queue.publish(m);
+        }
+    }
+
+    // ---- methods -------------------------------------------------------------
+
+    /// Handles one method on an open channel. Errors carry the failing method's ids.
+    pub fn on_method(&mut self, ctx: &Context<'_>, method: AMQPClass) -> AmqpResult<()> {
+        let (class_id, method_id) = (method.get_amqp_class_id(), method.get_amqp_method_id());
+        self.dispatch(ctx, method)
+            .map_err(|e| e.in_method(class_id, method_id))
+    }
+
+    fn dispatch(&mut self, ctx: &Context<'_>, method: AMQPClass) -> AmqpResult<()> {
+        use basic::AMQPMethod as B;
+        match method {
+            AMQPClass::Basic(B::Publish(p)) => {
+                if p.immediate {
+                    return Err(AmqpError::connection(
+                        code::NOT_IMPLEMENTED,
+                        "immediate=true",
+                    ));
+                }
+                self.incoming = Some(Incoming {
+                    publish: p,
+                    header: None,
+                    body: Body::Empty,
+                });
+                Ok(())
+            }
+            AMQPClass::Basic(B::Ack(a)) => self.settle(a.delivery_tag, a.multiple, Settle::Ack),
+            AMQPClass::Basic(B::Nack(n)) => {
+                self.settle(n.delivery_tag, n.multiple, requeue_or_discard(n.requeue))
+            }
+            AMQPClass::Basic(B::Reject(r)) => {
+                self.settle(r.delivery_tag, false, requeue_or_discard(r.requeue))
+            }
+            AMQPClass::Basic(B::Consume(c)) => self.consume(ctx, c),
+            AMQPClass::Basic(B::Cancel(c)) => {
+                self.cancel(ctx, &c.consumer_tag);
+                if !c.nowait {
+                    self.reply(AMQPClass::Basic(B::CancelOk(basic::CancelOk {
+                        consumer_tag: c.consumer_tag,
+                    })));
+                }
+                Ok(())
+            }
+            // Reply to our own server-initiated basic.cancel (nowait was set, but be lenient).
+            AMQPClass::Basic(B::CancelOk(_)) => Ok(()),
+            AMQPClass::Basic(B::Get(g)) => self.get(ctx, g),
+            AMQPClass::Basic(B::Qos(q)) => self.qos(q),
+            AMQPClass::Basic(B::Recover(r)) => {
+                self.recover(r.requeue)?;
+                self.reply(AMQPClass::Basic(B::RecoverOk(basic::RecoverOk {})));
+                Ok(())
+            }
+            AMQPClass::Basic(B::RecoverAsync(r)) => self.recover(r.requeue),
+            AMQPClass::Exchange(m) => self.exchange_method(ctx, m),
+            AMQPClass::Queue(m) => self.queue_method(ctx, m),
+            AMQPClass::Confirm(confirm::AMQPMethod::Select(s)) => {
+                if self.tx.is_some() {
+                    return Err(AmqpError::precondition(
+                        "cannot switch from tx to confirm mode",
+                    ));
+                }
+                self.confirms.get_or_insert_with(Confirms::default);
+                if !s.nowait {
+                    self.reply(AMQPClass::Confirm(confirm::AMQPMethod::SelectOk(
+                        confirm::SelectOk {},
+                    )));
+                }
+                Ok(())
+            }
+            AMQPClass::Tx(m) => self.tx_method(ctx, m),
+            AMQPClass::Channel(channel::AMQPMethod::Flow(f)) => {
+                self.shared.set_flow(f.active);
+                self.reply(AMQPClass::Channel(channel::AMQPMethod::FlowOk(
+                    channel::FlowOk { active: f.active },
+                )));
+                if f.active {
+                    self.poke_consumers();
+                }
+                Ok(())
+            }
+            AMQPClass::Channel(channel::AMQPMethod::FlowOk(_)) => Ok(()),
+            AMQPClass::Access(_) => {
+                self.reply(AMQPClass::Access(
+                    amq_protocol::protocol::access::AMQPMethod::RequestOk(
+                        amq_protocol::protocol::access::RequestOk {},
+                    ),
+                ));
+                Ok(())
+            }
+            other => Err(AmqpError::connection(
+                code::COMMAND_INVALID,
+                format!(
+                    "method class {} id {} is not valid from a client on a channel",
+                    other.get_amqp_class_id(),
+                    other.get_amqp_method_id()
+                ),
+            )),
+        }
+    }
+
+    fn queue_name(&self, name: &ShortString) -> AmqpResult<String> {
+        if name.as_str().is_empty() {
+            return self
+                .last_queue
+                .clone()
+                .ok_or_else(|| AmqpError::not_found("no previously declared queue"));
+        }
+        Ok(name.as_str().to_owned())
+    }
+
+    fn exchange_method(
+        &mut self,
+        ctx: &Context<'_>,
+        method: exchange::AMQPMethod,
+    ) -> AmqpResult<()> {
+        use exchange::AMQPMethod as E;
+        let vhost = ctx.vhost;
+        let (nowait, ok) = match method {
+            E::Declare(d) => {
+                vhost.declare_exchange(&ExchangeDeclare {
+                    name: d.exchange.as_str(),
+                    kind: d.kind.as_str(),
+                    passive: d.passive,
+                    durable: d.durable,
+                    auto_delete: d.auto_delete,
+                    internal: d.internal,
+                    arguments: &d.arguments,
+                })?;
+                (d.nowait, E::DeclareOk(exchange::DeclareOk {}))
+            }
+            E::Delete(d) => {
+                vhost.delete_exchange(d.exchange.as_str(), d.if_unused)?;
+                (d.nowait, E::DeleteOk(exchange::DeleteOk {}))
+            }
+            E::Bind(b) => {
+                vhost.bind_exchange(
+                    b.destination.as_str(),
+                    b.source.as_str(),
+                    b.routing_key.as_str(),
+                    &b.arguments,
+                )?;
+                (b.nowait, E::BindOk(exchange::BindOk {}))
+            }
+            E::Unbind(u) => {
+                vhost.unbind_exchange(
+                    u.destination.as_str(),
+                    u.source.as_str(),
+                    u.routing_key.as_str(),
+                    &u.arguments,
+                )?;
+                (u.nowait, E::UnbindOk(exchange::UnbindOk {}))
+            }
+            other => return Err(server_only(AMQPClass::Exchange(other))),
+        };
+        if !nowait {
+            self.reply(AMQPClass::Exchange(ok));
+        }
+        Ok(())
+    }
+
+    fn queue_method(&mut self, ctx: &Context<'_>, method: queue::AMQPMethod) -> AmqpResult<()> {
+        use queue::AMQPMethod as Q;
+        let vhost = ctx.vhost;
+        let conn = ctx.connection_id;
+        let (nowait, ok) = match method {
+            Q::Declare(d) => {
+                let (queue, counts) = vhost.declare_queue(QueueDeclare {
+                    name: d.queue.as_str(),
+                    passive: d.passive,
+                    options: QueueOptions {
+                        durable: d.durable,
+                        exclusive: d.exclusive,
+                        auto_delete: d.auto_delete,
+                        arguments: d.arguments.clone(),
+                    },
+                    connection: conn,
+                })?;
+                self.last_queue = Some(queue.name.clone());
+                (
+                    d.nowait,
+                    Q::DeclareOk(queue::DeclareOk {
+                        queue: queue.name.as_str().into(),
+                        message_count: counts.messages,
+                        consumer_count: counts.consumers,
+                    }),
+                )
+            }
+            Q::Bind(b) => {
+                let name = self.queue_name(&b.queue)?;
+                vhost.bind_queue(
+                    &name,
+                    b.exchange.as_str(),
+                    b.routing_key.as_str(),
+                    &b.arguments,
+                    conn,
+                )?;
+                (b.nowait, Q::BindOk(queue::BindOk {}))
+            }
+            Q::Unbind(u) => {
+                let name = self.queue_name(&u.queue)?;
+                vhost.unbind_queue(
+                    &name,
+                    u.exchange.as_str(),
+                    u.routing_key.as_str(),
+                    &u.arguments,
+                    conn,
+                )?;
+                (false, Q::UnbindOk(queue::UnbindOk {}))
+            }
+            Q::Purge(p) => {
+                let name = self.queue_name(&p.queue)?;
+                let message_count = vhost.queue(&name, conn)?.purge();
+                (p.nowait, Q::PurgeOk(queue::PurgeOk { message_count }))
+            }
+            Q::Delete(d) => {
+                let name = self.queue_name(&d.queue)?;
+                let message_count = vhost.delete_queue(&name, conn, d.if_unused, d.if_empty)?;
+                (d.nowait, Q::DeleteOk(queue::DeleteOk { message_count }))
+            }
+            other => return Err(server_only(AMQPClass::Queue(other))),
+        };
+        if !nowait {
+            self.reply(AMQPClass::Queue(ok));
+        }
+        Ok(())
+    }
+
+    fn consume(&mut self, ctx: &Context<'_>, c: basic::Consume) -> AmqpResult<()> {
+        let name = self.queue_name(&c.queue)?;
+        let queue = ctx.vhost.queue(&name, ctx.connection_id)?;
+        let tag: ShortString = if c.consumer_tag.as_str().is_empty() {
+            generated_name("amq.ctag-").into()
+        } else {
+            c.consumer_tag.clone()
+        };
+        if self.shared.has_consumer(&tag) {
+            return Err(AmqpError::connection(
+                code::NOT_ALLOWED,
+                format!("attempt to reuse consumer tag '{tag}'"),
+            ));
+        }
+        let id = ctx.broker.next_id();
+        self.shared.add_consumer(
+            tag.clone(),
+            ConsumerRef {
+                id,
+                queue: queue.clone(),
+            },
+        );
+        let consumer = Consumer::new(
+            id,
+            tag.clone(),
+            c.no_ack,
+            c.exclusive,
+            self.consumer_prefetch,
+            self.shared.clone(),
+        );
+        let shared = &self.shared;
+        let accepted = queue.add_consumer(consumer, || {
+            if !c.nowait {
+                shared.outbox().send_method(
+                    shared.id,
+                    AMQPClass::Basic(basic::AMQPMethod::ConsumeOk(basic::ConsumeOk {
+                        consumer_tag: tag.clone(),
+                    })),
+                );
+            }
+        });
+        if accepted.is_err() {
+            self.shared.remove_consumer(&tag);
+        }
+        accepted
+    }
+
+    fn cancel(&mut self, ctx: &Context<'_>, tag: &ShortString) {
+        if let Some(consumer) = self.shared.remove_consumer(tag) {
+            release_consumer(ctx.vhost, &consumer);
+        }
+    }
+
+    fn get(&mut self, ctx: &Context<'_>, g: basic::Get) -> AmqpResult<()> {
+        let name = self.queue_name(&g.queue)?;
+        let queue = ctx.vhost.queue(&name, ctx.connection_id)?;
+        match queue.get(g.no_ack) {
+            Some((message, remaining)) => self
+                .shared
+                .send_get_ok(&queue, message, remaining, g.no_ack),
+            None => self.reply(AMQPClass::Basic(basic::AMQPMethod::GetEmpty(
+                basic::GetEmpty {},
+            ))),
+        }
+        Ok(())
+    }
+
+    fn qos(&mut self, q: basic::Qos) -> AmqpResult<()> {
+        if q.global {
+            self.shared.set_channel_prefetch(q.prefetch_count.into());
+            self.poke_consumers();
+        } else {
+            self.consumer_prefetch = q.prefetch_count.into();
+        }
+        self.reply(AMQPClass::Basic(basic::AMQPMethod::QosOk(basic::QosOk {})));
+        Ok(())
+    }
+
+    fn recover(&mut self, requeue: bool) -> AmqpResult<()> {
+        if !requeue {
+            return Err(AmqpError::connection(
+                code::NOT_IMPLEMENTED,
+                "requeue=false",
+            ));
+        }
+        settle_now(self.shared.take_all(), Settle::Requeue);
+        Ok(())
+    }
+
+    fn settle(&mut self, tag: u64, multiple: bool, how: Settle) -> AmqpResult<()> {
+        let taken = self.shared.take_acked(tag, multiple)?;
+        if let Some(tx) = self.tx.as_mut() {
+            tx.settlements.push((taken, how));
+            return Ok(());
+        }
+        settle_now(taken, how);
+        self.after_settle();
+        Ok(())
+    }
+
+    /// A channel-wide prefetch limit frees credit for every queue the channel consumes from.
+    fn after_settle(&self) {
+        if self.shared.has_channel_prefetch() {
+            self.poke_consumers();
+        }
+    }
+
+    /// Asks every queue this channel consumes from to deliver what it can.
+    pub fn poke_consumers(&self) {
+        for consumer in self.shared.consumers() {
+            consumer.queue.dispatch();
+        }
+    }
+
+    fn tx_method(&mut self, ctx: &Context<'_>, method: tx::AMQPMethod) -> AmqpResult<()> {
+        use tx::AMQPMethod as T;
+        match method {
+            T::Select(_) => {
+                if self.confirms.is_some() {
+                    return Err(AmqpError::precondition(
+                        "cannot switch from confirm to tx mode",
+                    ));
+                }
+                self.tx.get_or_insert_with(Transaction::default);
+                self.reply(AMQPClass::Tx(T::SelectOk(tx::SelectOk {})));
+            }
+            T::Commit(_) => {
+                let tx = self
+                    .tx
+                    .take()
+                    .ok_or_else(|| AmqpError::precondition("channel is not transactional"))?;
+                for (publish, message) in tx.publishes {
+                    let exchange = self.resolve_exchange(ctx, publish.exchange.as_str())?;
+                    self.route(ctx, exchange.as_ref(), &publish, message);
+                }
+                for (taken, how) in tx.settlements {
+                    settle_now(taken, how);
+                }
+                self.after_settle();
+                self.tx = Some(Transaction::default());
+                self.reply(AMQPClass::Tx(T::CommitOk(tx::CommitOk {})));
+            }
+            T::Rollback(_) => {
+                let tx = self
+                    .tx
+                    .take()
+                    .ok_or_else(|| AmqpError::precondition("channel is not transactional"))?;
+                for (taken, _) in tx.settlements {
+                    self.shared.restore(taken);
+                }
+                self.tx = Some(Transaction::default());
+                self.reply(AMQPClass::Tx(T::RollbackOk(tx::RollbackOk {})));
+            }
+            other => return Err(server_only(AMQPClass::Tx(other))),
+        }
+        Ok(())
+    }
+
+    /// Ends the channel: consumers are cancelled and unacked messages go back
+    /// to their queues, marked redelivered.
+    pub fn shutdown(&mut self, vhost: &VHost) {
+        let (unacked, consumers) = self.shared.close();
+        for consumer in &consumers {
+            release_consumer(vhost, consumer);
+        }
+        let mut pending = unacked;
+        if let Some(tx) = self.tx.take() {
+            pending.extend(tx.settlements.into_iter().flat_map(|(taken, _)| taken));
+        }
+        settle_now(pending, Settle::Requeue);
+    }
+}
+
+fn requeue_or_discard(requeue: bool) -> Settle {
+    if requeue {
+        Settle::Requeue
+    } else {
+        Settle::Discard
+    }
+}
+
+fn server_only(method: AMQPClass) -> AmqpError {
+    AmqpError::connection(
+        code::COMMAND_INVALID,
+        format!(
+            "method class {} id {} is sent by servers only",
+            method.get_amqp_class_id(),
+            method.get_amqp_method_id()
+        ),
+    )
+}
+
+/// Cancels a consumer at its queue, deleting an auto-delete queue it leaves empty.
+fn release_consumer(vhost: &VHost, consumer: &ConsumerRef) {
+    if consumer.queue.remove_consumer(consumer.id) {
+        vhost.remove_queue(&consumer.queue);
+    }
+}
+
+/// Applies settlements queue by queue, one lock per queue.
+fn settle_now(taken: Vec<Unacked>, how: Settle) {
+    let mut groups: Vec<(Arc<Queue>, Vec<Unacked>)> = Vec::new();
+    for u in taken {
+        match groups.iter_mut().find(|(q, _)| Arc::ptr_eq(q, &u.queue)) {
+            Some((_, list)) => list.push(u),
+            None => groups.push((u.queue.clone(), vec![u])),
+        }
+    }
+    for (queue, list) in groups {
+        match how {
+            Settle::Ack | Settle::Discard => queue.settle(list.iter().map(|u| u.consumer)),
+            Settle::Requeue => {
+                queue.requeue(list.into_iter().map(|u| (u.consumer, u.message)).collect())
+            }
+        }
+    }
+}

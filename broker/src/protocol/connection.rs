@@ -1,0 +1,388 @@
+//! One client connection: the reader task that runs the connection state
+//! machine after the handshake, and the clean-up that gives back everything the
+//! connection held (unacked messages, consumers, exclusive queues).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use amq_protocol::protocol::{channel, connection, AMQPClass};
+use tokio::io::AsyncReadExt;
+use tokio::net::tcp::OwnedReadHalf;
+use tokio::net::TcpStream;
+
+use super::channel::{Channel, Context};
+use super::frames::{FrameReader, Inbound};
+use super::handshake::{self, Refused, Session};
+use super::outbox::{run_writer, Outbox};
+use crate::config::Config;
+use crate::error::{code, AmqpError, Scope};
+use crate::model::Broker;
+
+/// How long we wait for close-ok after sending connection.close.
+const CLOSE_OK_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Serves one accepted socket until it closes.
+pub async fn serve(stream: TcpStream, peer: SocketAddr, broker: Arc<Broker>, config: Arc<Config>) {
+    let _ = stream.set_nodelay(true);
+    let (mut socket, write_half) = stream.into_split();
+    let outbox = Outbox::new(config.frame_max);
+    let writer = tokio::spawn(run_writer(outbox.clone(), write_half));
+    let mut reader = FrameReader::new(config.frame_max);
+
+    match handshake::run(&mut socket, &mut reader, &outbox, &broker, &config, peer).await {
+        Ok(session) => {
+            tracing::debug!(%peer, user = %session.user, vhost = %session.vhost.name, "connection open");
+            let mut conn = Connection {
+                id: broker.next_id(),
+                broker: broker.clone(),
+                config: config.clone(),
+                session,
+                outbox: outbox.clone(),
+                channels: HashMap::new(),
+                confirm_pending: Vec::new(),
+            };
+            conn.run(&mut socket, &mut reader).await;
+            conn.release_everything();
+        }
+        Err(Refused::Close(error)) => {
+            send_connection_close(&outbox, &error);
+            // Let the client read the close before the socket goes.
+            let _ = tokio::time::timeout(CLOSE_OK_TIMEOUT, wait_close_ok(&mut socket, &mut reader))
+                .await;
+        }
+        Err(Refused::Dropped) => {}
+    }
+    outbox.close_when_flushed();
+    let _ = tokio::time::timeout(Duration::from_secs(5), writer).await;
+}
+
+struct Connection {
+    id: u64,
+    broker: Arc<Broker>,
+    config: Arc<Config>,
+    session: Session,
+    outbox: Arc<Outbox>,
+    channels: HashMap<u16, Channel>,
+    /// Channels that completed publishes in confirm mode during this read batch.
+    confirm_pending: Vec<u16>,
+}
+
+/// How handling a frame left the connection.
+enum Flow {
+    Continue,
+    /// The client closed (we answered close-ok) or we closed and got close-ok.
+    Done,
+}
+
+impl Connection {
+    async fn run(&mut self, socket: &mut OwnedReadHalf, reader: &mut FrameReader) {
+        // A peer silent for two heartbeat intervals is gone (RabbitMQ's rule).
+        let silence_limit = (!self.session.heartbeat.is_zero()).then(|| self.session.heartbeat * 2);
+        loop {
+            loop {
+                let frame = match reader.next_frame() {
+                    Ok(Some(frame)) => frame,
+                    Ok(None) => break,
+                    Err(error) => return self.close_with(error, socket, reader).await,
+                };
+                match self.handle(frame) {
+                    Ok(Flow::Continue) => {}
+                    Ok(Flow::Done) => return,
+                    Err(error) => return self.close_with(error, socket, reader).await,
+                }
+            }
+            self.flush_confirms();
+            let read = socket.read_buf(reader.buffer());
+            let outcome = tokio::select! {
+                r = async {
+                    match silence_limit {
+                        Some(limit) => tokio::time::timeout(limit, read).await.ok(),
+                        None => Some(read.await),
+                    }
+                } => r,
+                _ = self.outbox.drained() => {
+                    self.poke_all_consumers();
+                    continue;
+                }
+            };
+            match outcome {
+                Some(Ok(n)) if n > 0 => {}
+                Some(Ok(_)) | Some(Err(_)) => return,
+                None => {
+                    tracing::info!(
+                        connection = self.id,
+                        "missed heartbeats from client, closing"
+                    );
+                    return;
+                }
+            }
+        }
+    }
+
+    fn handle(&mut self, frame: Inbound) -> Result<Flow, AmqpError> {
+        let channel_id = match &frame {
+            Inbound::Method(ch, _) | Inbound::Body(ch, _) | Inbound::Heartbeat(ch) => *ch,
+            Inbound::Header { channel, .. } => *channel,
+        };
+        if channel_id == 0 {
+            return self.handle_channel_zero(frame);
+        }
+        if channel_id > self.session.channel_max {
+            return Err(AmqpError::connection(
+                code::CHANNEL_ERROR,
+                format!(
+                    "channel {channel_id} exceeds channel_max {}",
+                    self.session.channel_max
+                ),
+            ));
+        }
+        let result = self.handle_on_channel(channel_id, frame);
+        match result {
+            Err(error) if error.scope == Scope::Channel => {
+                self.close_channel(channel_id, &error);
+                Ok(Flow::Continue)
+            }
+            other => other,
+        }
+    }
+
+    fn handle_channel_zero(&mut self, frame: Inbound) -> Result<Flow, AmqpError> {
+        use connection::AMQPMethod as C;
+        match frame {
+            Inbound::Heartbeat(_) => Ok(Flow::Continue),
+            Inbound::Method(_, method) => match *method {
+                AMQPClass::Connection(C::Close(_)) => {
+                    self.release_everything();
+                    self.outbox
+                        .send_method(0, AMQPClass::Connection(C::CloseOk(connection::CloseOk {})));
+                    Ok(Flow::Done)
+                }
+                AMQPClass::Connection(C::UpdateSecret(_)) => {
+                    self.outbox.send_method(
+                        0,
+                        AMQPClass::Connection(C::UpdateSecretOk(connection::UpdateSecretOk {})),
+                    );
+                    Ok(Flow::Continue)
+                }
+                AMQPClass::Connection(C::Blocked(_) | C::Unblocked(_)) => Ok(Flow::Continue),
+                other => Err(AmqpError::connection(
+                    code::COMMAND_INVALID,
+                    "unexpected method on channel 0",
+                )
+                .in_method(other.get_amqp_class_id(), other.get_amqp_method_id())),
+            },
+            _ => Err(AmqpError::connection(
+                code::UNEXPECTED_FRAME,
+                "content frame on channel 0",
+            )),
+        }
+    }
+
+    fn handle_on_channel(&mut self, id: u16, frame: Inbound) -> Result<Flow, AmqpError> {
+        if let Inbound::Method(_, method) = &frame {
+            if let AMQPClass::Channel(channel::AMQPMethod::Open(_)) = **method {
+                if self.channels.contains_key(&id) {
+                    return Err(AmqpError::connection(
+                        code::CHANNEL_ERROR,
+                        format!("second 'channel.open' seen on channel {id}"),
+                    )
+                    .in_method(20, 10));
+                }
+                let channel = Channel::new(id, self.outbox.clone(), self.session.cancel_notify);
+                self.channels.insert(id, channel);
+                self.outbox.send_method(
+                    id,
+                    AMQPClass::Channel(channel::AMQPMethod::OpenOk(channel::OpenOk {})),
+                );
+                return Ok(Flow::Continue);
+            }
+        }
+        let Some(ch) = self.channels.get_mut(&id) else {
+            return Err(AmqpError::connection(
+                code::CHANNEL_ERROR,
+                format!("expected 'channel.open' on channel {id}"),
+            ));
+        };
+        if ch.closing {
+            // After our channel.close only its close-ok (or a crossing close) matters.
+            if let Inbound::Method(_, method) = frame {
+                match *method {
+                    AMQPClass::Channel(channel::AMQPMethod::CloseOk(_)) => {
+                        self.channels.remove(&id);
+                    }
+                    AMQPClass::Channel(channel::AMQPMethod::Close(_)) => {
+                        self.channels.remove(&id);
+                        self.send_channel_close_ok(id);
+                    }
+                    _ => {}
+                }
+            }
+            return Ok(Flow::Continue);
+        }
+        // Borrow the context pieces separately from the channel map.
+        let ctx = Context {
+            broker: &self.broker,
+            vhost: &self.session.vhost,
+            connection_id: self.id,
+            config: &self.config,
+        };
+        match frame {
+            Inbound::Method(_, method) => match *method {
+                AMQPClass::Channel(channel::AMQPMethod::Close(_)) => {
+                    ch.check_not_in_content()?;
+                    ch.flush_confirms();
+                    ch.shutdown(&self.session.vhost);
+                    self.channels.remove(&id);
+                    self.send_channel_close_ok(id);
+                    return Ok(Flow::Continue);
+                }
+                AMQPClass::Channel(channel::AMQPMethod::CloseOk(_)) => {}
+                method => {
+                    ch.check_not_in_content()?;
+                    ch.on_method(&ctx, method)?;
+                }
+            },
+            Inbound::Header {
+                class_id,
+                body_size,
+                properties,
+                raw,
+                ..
+            } => ch.on_header(&ctx, class_id, body_size, properties, raw)?,
+            Inbound::Body(_, chunk) => ch.on_body(&ctx, chunk)?,
+            Inbound::Heartbeat(_) => {
+                return Err(AmqpError::connection(
+                    code::FRAME_ERROR,
+                    format!("heartbeat frame on channel {id}"),
+                ))
+            }
+        }
+        if ch.has_unsent_confirms() && self.confirm_pending.last() != Some(&id) {
+            self.confirm_pending.push(id);
+        }
+        Ok(Flow::Continue)
+    }
+
+    fn send_channel_close_ok(&self, id: u16) {
+        self.outbox.send_method(
+            id,
+            AMQPClass::Channel(channel::AMQPMethod::CloseOk(channel::CloseOk {})),
+        );
+    }
+
+    /// A channel exception: tell the client, give back what the channel held,
+    /// and ignore its frames until close-ok.
+    fn close_channel(&mut self, id: u16, error: &AmqpError) {
+        let Some(ch) = self.channels.get_mut(&id) else {
+            return;
+        };
+        ch.flush_confirms();
+        self.outbox.send_method(
+            id,
+            AMQPClass::Channel(channel::AMQPMethod::Close(channel::Close {
+                reply_code: error.code,
+                reply_text: truncate(&error.text).into(),
+                class_id: error.class_id,
+                method_id: error.method_id,
+            })),
+        );
+        ch.shutdown(&self.session.vhost);
+        ch.closing = true;
+    }
+
+    fn flush_confirms(&mut self) {
+        for id in self.confirm_pending.drain(..) {
+            if let Some(ch) = self.channels.get_mut(&id) {
+                ch.flush_confirms();
+            }
+        }
+    }
+
+    fn poke_all_consumers(&self) {
+        for ch in self.channels.values() {
+            ch.poke_consumers();
+        }
+    }
+
+    /// A connection exception: send connection.close, release everything, and
+    /// wait (briefly) for close-ok.
+    async fn close_with(
+        &mut self,
+        error: AmqpError,
+        socket: &mut OwnedReadHalf,
+        reader: &mut FrameReader,
+    ) {
+        tracing::debug!(connection = self.id, %error, "closing connection");
+        self.flush_confirms();
+        send_connection_close(&self.outbox, &error);
+        self.release_everything();
+        let _ = tokio::time::timeout(CLOSE_OK_TIMEOUT, wait_close_ok(socket, reader)).await;
+    }
+
+    /// Requeues unacked messages, cancels consumers, deletes exclusive queues.
+    fn release_everything(&mut self) {
+        let vhost = self.session.vhost.clone();
+        for (_, mut ch) in self.channels.drain() {
+            ch.shutdown(&vhost);
+        }
+        for queue in vhost.queues_owned_by(self.id) {
+            vhost.remove_queue(&queue);
+        }
+    }
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        self.release_everything();
+    }
+}
+
+fn send_connection_close(outbox: &Outbox, error: &AmqpError) {
+    outbox.send_method(
+        0,
+        AMQPClass::Connection(connection::AMQPMethod::Close(connection::Close {
+            reply_code: error.code,
+            reply_text: truncate(&error.text).into(),
+            class_id: error.class_id,
+            method_id: error.method_id,
+        })),
+    );
+}
+
+/// Reads and discards frames until connection.close-ok (or close) arrives.
+async fn wait_close_ok(socket: &mut OwnedReadHalf, reader: &mut FrameReader) {
+    loop {
+        while let Ok(Some(frame)) = reader.next_frame() {
+            if let Inbound::Method(0, method) = frame {
+                if let AMQPClass::Connection(
+                    connection::AMQPMethod::CloseOk(_) | connection::AMQPMethod::Close(_),
+                ) = *method
+                {
+                    return;
+                }
+            }
+        }
+        // Unparseable leftovers are skipped: after our close only close-ok matters.
+        if reader.next_frame().is_err() {
+            reader.buffer().clear();
+        }
+        match socket.read_buf(reader.buffer()).await {
+            Ok(n) if n > 0 => {}
+            _ => return,
+        }
+    }
+}
+
+/// Reply texts are short strings: at most 255 bytes, cut at a character boundary.
+fn truncate(text: &str) -> &str {
+    if text.len() <= 255 {
+        return text;
+    }
+    let mut end = 255;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}

@@ -1,0 +1,234 @@
+//! The part of a channel that queues reach into: it numbers deliveries, keeps
+//! them until they are acknowledged, and applies the channel-wide limits
+//! (flow, channel prefetch, a backed-up socket) before a queue hands it more.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::Arc;
+
+use amq_protocol::protocol::{basic, AMQPClass};
+use amq_protocol::types::ShortString;
+use parking_lot::Mutex;
+
+use super::outbox::Outbox;
+use crate::error::{AmqpError, AmqpResult};
+use crate::model::queue::{Delivery, DeliverySink, Queue, QueuedMessage};
+
+/// A delivery awaiting basic.ack / nack / reject.
+pub struct Unacked {
+    pub tag: u64,
+    pub queue: Arc<Queue>,
+    /// `None` for basic.get, which no consumer's prefetch counts.
+    pub consumer: Option<u64>,
+    pub message: QueuedMessage,
+}
+
+/// A consumer registered on this channel.
+#[derive(Clone)]
+pub struct ConsumerRef {
+    pub id: u64,
+    pub queue: Arc<Queue>,
+}
+
+#[derive(Default)]
+struct DeliveryState {
+    next_tag: u64,
+    unacked: VecDeque<Unacked>,
+    consumers: HashMap<ShortString, ConsumerRef>,
+}
+
+pub struct ChannelShared {
+    pub id: u16,
+    outbox: Arc<Outbox>,
+    state: Mutex<DeliveryState>,
+    closed: AtomicBool,
+    flow_active: AtomicBool,
+    /// basic.qos global=true: limit across all consumers of the channel; 0 = none.
+    channel_prefetch: AtomicU32,
+    channel_in_flight: AtomicU32,
+    /// The client asked to hear about server-side cancels (consumer_cancel_notify).
+    cancel_notify: bool,
+}
+
+impl ChannelShared {
+    pub fn new(id: u16, outbox: Arc<Outbox>, cancel_notify: bool) -> Arc<Self> {
+        Arc::new(ChannelShared {
+            id,
+            outbox,
+            state: Mutex::new(DeliveryState {
+                next_tag: 1,
+                ..Default::default()
+            }),
+            closed: AtomicBool::new(false),
+            flow_active: AtomicBool::new(true),
+            channel_prefetch: AtomicU32::new(0),
+            channel_in_flight: AtomicU32::new(0),
+            cancel_notify,
+        })
+    }
+
+    pub fn outbox(&self) -> &Outbox {
+        &self.outbox
+    }
+
+    pub fn set_channel_prefetch(&self, prefetch: u32) {
+        self.channel_prefetch.store(prefetch, Ordering::Relaxed);
+    }
+
+    pub fn has_channel_prefetch(&self) -> bool {
+        self.channel_prefetch.load(Ordering::Relaxed) != 0
+    }
+
+    /// tx.rollback: acknowledgements taken in the transaction become outstanding again.
+    pub fn restore(&self, taken: Vec<Unacked>) {
+        let mut st = self.state.lock();
+        let counted = taken.iter().filter(|u| u.consumer.is_some()).count() as u32;
+        self.channel_in_flight.fetch_add(counted, Ordering::Relaxed);
+        for u in taken {
+            let pos = st.unacked.partition_point(|x| x.tag < u.tag);
+            st.unacked.insert(pos, u);
+        }
+    }
+
+    pub fn set_flow(&self, active: bool) {
+        self.flow_active.store(active, Ordering::Relaxed);
+    }
+
+    pub fn add_consumer(&self, tag: ShortString, consumer: ConsumerRef) {
+        self.state.lock().consumers.insert(tag, consumer);
+    }
+
+    pub fn has_consumer(&self, tag: &ShortString) -> bool {
+        self.state.lock().consumers.contains_key(tag)
+    }
+
+    pub fn remove_consumer(&self, tag: &ShortString) -> Option<ConsumerRef> {
+        self.state.lock().consumers.remove(tag)
+    }
+
+    pub fn consumers(&self) -> Vec<ConsumerRef> {
+        self.state.lock().consumers.values().cloned().collect()
+    }
+
+    /// Stops further deliveries and hands back what was delivered but not acked.
+    pub fn close(&self) -> (Vec<Unacked>, Vec<ConsumerRef>) {
+        let mut st = self.state.lock();
+        self.closed.store(true, Ordering::Release);
+        let unacked = st.unacked.drain(..).collect();
+        let consumers = st.consumers.drain().map(|(_, c)| c).collect();
+        (unacked, consumers)
+    }
+
+    /// Removes the acknowledged deliveries. `multiple` covers every tag up to
+    /// `tag` (all of them when `tag` is 0); the named tag must be outstanding.
+    pub fn take_acked(&self, tag: u64, multiple: bool) -> AmqpResult<Vec<Unacked>> {
+        let mut st = self.state.lock();
+        let taken: Vec<Unacked> = if multiple && tag == 0 {
+            st.unacked.drain(..).collect()
+        } else {
+            let pos = st
+                .unacked
+                .binary_search_by_key(&tag, |u| u.tag)
+                .map_err(|_| AmqpError::precondition(format!("unknown delivery tag {tag}")))?;
+            if multiple {
+                st.unacked.drain(..=pos).collect()
+            } else {
+                st.unacked.remove(pos).into_iter().collect()
+            }
+        };
+        let counted = taken.iter().filter(|u| u.consumer.is_some()).count() as u32;
+        self.channel_in_flight.fetch_sub(counted, Ordering::Relaxed);
+        Ok(taken)
+    }
+
+    /// Every outstanding delivery (basic.recover).
+    pub fn take_all(&self) -> Vec<Unacked> {
+        let taken: Vec<Unacked> = self.state.lock().unacked.drain(..).collect();
+        self.channel_in_flight.store(0, Ordering::Relaxed);
+        taken
+    }
+
+    /// basic.get-ok: numbered like deliveries, tracked unless no_ack.
+    pub fn send_get_ok(
+        &self,
+        queue: &Arc<Queue>,
+        message: QueuedMessage,
+        remaining: u32,
+        no_ack: bool,
+    ) {
+        let mut st = self.state.lock();
+        let tag = st.next_tag;
+        st.next_tag += 1;
+        let m = &message.message;
+        let method = AMQPClass::Basic(basic::AMQPMethod::GetOk(basic::GetOk {
+            delivery_tag: tag,
+            redelivered: message.redelivered,
+            exchange: m.exchange.clone(),
+            routing_key: m.routing_key.clone(),
+            message_count: remaining,
+        }));
+        self.outbox
+            .send_content(self.id, method, &m.raw_header, &m.body);
+        if !no_ack {
+            st.unacked.push_back(Unacked {
+                tag,
+                queue: queue.clone(),
+                consumer: None,
+                message,
+            });
+        }
+    }
+}
+
+impl DeliverySink for ChannelShared {
+    fn can_accept(&self) -> bool {
+        if self.closed.load(Ordering::Relaxed) || !self.flow_active.load(Ordering::Relaxed) {
+            return false;
+        }
+        let limit = self.channel_prefetch.load(Ordering::Relaxed);
+        (limit == 0 || self.channel_in_flight.load(Ordering::Relaxed) < limit)
+            && self.outbox.has_room()
+    }
+
+    fn deliver(&self, queue: &Arc<Queue>, delivery: Delivery<'_>) -> Result<(), QueuedMessage> {
+        let mut st = self.state.lock();
+        if self.closed.load(Ordering::Acquire) {
+            return Err(delivery.message);
+        }
+        let tag = st.next_tag;
+        st.next_tag += 1;
+        let m = &delivery.message.message;
+        let method = AMQPClass::Basic(basic::AMQPMethod::Deliver(basic::Deliver {
+            consumer_tag: delivery.consumer_tag.clone(),
+            delivery_tag: tag,
+            redelivered: delivery.message.redelivered,
+            exchange: m.exchange.clone(),
+            routing_key: m.routing_key.clone(),
+        }));
+        self.outbox
+            .send_content(self.id, method, &m.raw_header, &m.body);
+        if !delivery.no_ack {
+            self.channel_in_flight.fetch_add(1, Ordering::Relaxed);
+            st.unacked.push_back(Unacked {
+                tag,
+                queue: queue.clone(),
+                consumer: Some(delivery.consumer_id),
+                message: delivery.message,
+            });
+        }
+        Ok(())
+    }
+
+    fn cancelled_by_server(&self, consumer_tag: &ShortString) {
+        let removed = self.state.lock().consumers.remove(consumer_tag).is_some();
+        if removed && self.cancel_notify && !self.closed.load(Ordering::Relaxed) {
+            self.outbox.send_method(
+                self.id,
+                AMQPClass::Basic(basic::AMQPMethod::Cancel(basic::Cancel {
+                    consumer_tag: consumer_tag.clone(),
+                    nowait: true,
+                })),
+            );
+        }
+    }
+}
