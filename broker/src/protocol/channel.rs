@@ -114,9 +114,22 @@ pub struct Channel {
     last_queue: Option<String>,
 }
 
-/// Where a frame-level failure of the content sequence goes: always the connection.
+const EXPECTED_HEADER: &str = "expected content header for class 60, got non content header frame instead";
+const EXPECTED_BODY: &str = "expected content body, got non content body frame instead";
+
+/// A broken content sequence ends the connection with 505, as in RabbitMQ.
 fn unexpected(detail: impl std::fmt::Display) -> AmqpError {
     AmqpError::connection(code::UNEXPECTED_FRAME, detail)
+}
+
+/// Content frames where a method was due.
+pub fn no_content_expected() -> AmqpError {
+    unexpected("expected method frame, got non method frame instead")
+}
+
+/// Errors of an unfinished publish are reported against basic.publish.
+fn in_publish(error: AmqpError) -> AmqpError {
+    error.in_method(60, 40)
 }
 
 impl Channel {
@@ -176,20 +189,13 @@ impl Channel {
         raw: Bytes,
     ) -> AmqpResult<()> {
         let Some(incoming) = self.incoming.as_mut() else {
-            return Err(unexpected(format!(
-                "expected method frame, got non method frame instead (content header on channel {})",
-                self.id()
-            )));
+            return Err(no_content_expected());
         };
         if incoming.header.is_some() {
-            return Err(unexpected(
-                "expected content body, got content header instead",
-            ));
+            return Err(in_publish(unexpected(EXPECTED_BODY)));
         }
         if class_id != 60 {
-            return Err(unexpected(format!(
-                "content header for class {class_id}, expected 60"
-            )));
+            return Err(in_publish(unexpected(EXPECTED_HEADER)));
         }
         if body_size > ctx.config.max_message_size {
             self.incoming = None;
@@ -208,21 +214,16 @@ impl Channel {
 
     pub fn on_body(&mut self, ctx: &Context<'_>, chunk: Bytes) -> AmqpResult<()> {
         let Some(incoming) = self.incoming.as_mut() else {
-            return Err(unexpected(format!(
-                "expected method frame, got non method frame instead (content body on channel {})",
-                self.id()
-            )));
+            return Err(no_content_expected());
         };
         let Some((_, _, expected)) = incoming.header.as_ref() else {
-            return Err(unexpected(
-                "expected content header, got content body instead",
-            ));
+            return Err(in_publish(unexpected(EXPECTED_HEADER)));
         };
         let expected = *expected;
         if (incoming.body.len() + chunk.len()) as u64 > expected {
-            return Err(unexpected(format!(
-                "content body exceeds the {expected} bytes its header announced"
-            )));
+            // RabbitMQ drops a body frame that overshoots the announced size and
+            // keeps waiting; the next method then fails with 505. We do the same.
+            return Ok(());
         }
         incoming.body.push(chunk, expected);
         if incoming.body.len() as u64 == expected {
@@ -235,12 +236,8 @@ impl Channel {
     pub fn check_not_in_content(&self) -> AmqpResult<()> {
         match &self.incoming {
             None => Ok(()),
-            Some(i) if i.header.is_none() => Err(unexpected(
-                "expected content header for class 60, got non content header frame instead",
-            )),
-            Some(_) => Err(unexpected(
-                "expected content body, got non content body frame instead",
-            )),
+            Some(i) if i.header.is_none() => Err(in_publish(unexpected(EXPECTED_HEADER))),
+            Some(_) => Err(in_publish(unexpected(EXPECTED_BODY))),
         }
     }
 
@@ -248,6 +245,10 @@ impl Channel {
         let incoming = self.incoming.take().expect("content in progress");
         let (properties, raw_header, _) = incoming.header.expect("header received");
         let publish = incoming.publish;
+        if publish.immediate {
+            // RabbitMQ raises this once the content is complete, not at the method.
+            return Err(in_publish(AmqpError::connection(code::NOT_IMPLEMENTED, "immediate=true")));
+        }
         let message = Arc::new(Message {
             exchange: publish.exchange.clone(),
             routing_key: publish.routing_key.clone(),
@@ -349,12 +350,6 @@ impl Channel {
         use basic::AMQPMethod as B;
         match method {
             AMQPClass::Basic(B::Publish(p)) => {
-                if p.immediate {
-                    return Err(AmqpError::connection(
-                        code::NOT_IMPLEMENTED,
-                        "immediate=true",
-                    ));
-                }
                 self.incoming = Some(Incoming {
                     publish: p,
                     header: None,

@@ -12,7 +12,7 @@ use tokio::io::AsyncReadExt;
 use tokio::net::tcp::OwnedReadHalf;
 use tokio::net::TcpStream;
 
-use super::channel::{Channel, Context};
+use super::channel::{no_content_expected, Channel, Context};
 use super::frames::{FrameReader, Inbound};
 use super::handshake::{self, Refused, Session};
 use super::outbox::{run_writer, Outbox};
@@ -129,15 +129,6 @@ impl Connection {
         if channel_id == 0 {
             return self.handle_channel_zero(frame);
         }
-        if channel_id > self.session.channel_max {
-            return Err(AmqpError::connection(
-                code::CHANNEL_ERROR,
-                format!(
-                    "channel {channel_id} exceeds channel_max {}",
-                    self.session.channel_max
-                ),
-            ));
-        }
         let result = self.handle_on_channel(channel_id, frame);
         match result {
             Err(error) if error.scope == Scope::Channel => {
@@ -186,9 +177,21 @@ impl Connection {
                 if self.channels.contains_key(&id) {
                     return Err(AmqpError::connection(
                         code::CHANNEL_ERROR,
-                        format!("second 'channel.open' seen on channel {id}"),
+                        "second 'channel.open' seen",
                     )
                     .in_method(20, 10));
+                }
+                // channel_max bounds how many channels are open, not their numbers
+                // (RabbitMQ's reading of the spec).
+                let max = self.session.channel_max as usize;
+                if self.channels.len() >= max {
+                    return Err(AmqpError::connection(
+                        code::NOT_ALLOWED,
+                        format!(
+                            "number of channels opened ({}) has reached the negotiated channel_max ({max})",
+                            self.channels.len()
+                        ),
+                    ));
                 }
                 let channel = Channel::new(id, self.outbox.clone(), self.session.cancel_notify);
                 self.channels.insert(id, channel);
@@ -200,10 +203,13 @@ impl Connection {
             }
         }
         let Some(ch) = self.channels.get_mut(&id) else {
-            return Err(AmqpError::connection(
-                code::CHANNEL_ERROR,
-                format!("expected 'channel.open' on channel {id}"),
-            ));
+            return Err(match &frame {
+                Inbound::Method(_, m) => {
+                    AmqpError::connection(code::CHANNEL_ERROR, "expected 'channel.open'")
+                        .in_method(m.get_amqp_class_id(), m.get_amqp_method_id())
+                }
+                _ => no_content_expected(),
+            });
         };
         if ch.closing {
             // After our channel.close only its close-ok (or a crossing close) matters.

@@ -66,21 +66,12 @@ impl FrameReader {
         }
         let frame_type = self.buf[0];
         let channel = u16::from_be_bytes([self.buf[1], self.buf[2]]);
-        let size =
-            u32::from_be_bytes([self.buf[3], self.buf[4], self.buf[5], self.buf[6]]) as usize;
-        if !matches!(
-            frame_type,
-            FRAME_METHOD | FRAME_HEADER | FRAME_BODY | FRAME_HEARTBEAT
-        ) {
-            return Err(frame_error(format!(
-                "type {frame_type}, unknown frame type"
-            )));
-        }
+        let size = u32::from_be_bytes([self.buf[3], self.buf[4], self.buf[5], self.buf[6]]) as usize;
         if self.frame_max != 0 && size + FRAME_OVERHEAD > self.frame_max as usize {
+            // Refused before buffering: a peer must not make us hold an oversized frame.
             return Err(frame_error(format!(
-                "type {frame_type}, frame size {} exceeds frame_max {}",
-                size + FRAME_OVERHEAD,
-                self.frame_max
+                "type {frame_type}, all octets = <<>>: {{frame_too_large,{size},{}}}",
+                self.frame_max as usize - FRAME_OVERHEAD
             )));
         }
         let total = size + FRAME_OVERHEAD;
@@ -89,20 +80,28 @@ impl FrameReader {
             return Ok(None);
         }
         let mut frame = self.buf.split_to(total).freeze();
-        if frame[total - 1] != FRAME_END {
-            return Err(frame_error(format!(
-                "type {frame_type}, invalid frame end marker 0x{:02x}",
-                frame[total - 1]
-            )));
-        }
         frame.advance(FRAME_HEADER_LEN);
+        let end_marker = frame[size];
         frame.truncate(size);
         let payload = frame;
+        if end_marker != FRAME_END {
+            return Err(frame_error(format!(
+                "type {frame_type}, {}: {{invalid_frame_end_marker,{end_marker}}}",
+                describe_octets(&payload)
+            )));
+        }
+        let known = matches!(frame_type, FRAME_METHOD | FRAME_HEADER | FRAME_BODY | FRAME_HEARTBEAT);
+        if !known || (frame_type == FRAME_METHOD && payload.len() < 4) {
+            return Err(frame_error(format!(
+                "type {frame_type}, {}: unknown_frame",
+                describe_octets(&payload)
+            )));
+        }
         Ok(Some(match frame_type {
             FRAME_METHOD => Inbound::Method(channel, Box::new(parse_method(&payload)?)),
             FRAME_HEADER => {
                 let (_, header) = parse_content_header(&payload[..]).map_err(|_| {
-                    AmqpError::connection(code::FRAME_ERROR, "malformed content header frame")
+                    frame_error(format!("type 2, {}: malformed content header", describe_octets(&payload)))
                 })?;
                 Inbound::Header {
                     channel,
@@ -122,30 +121,57 @@ fn frame_error(detail: String) -> AmqpError {
     AmqpError::connection(code::FRAME_ERROR, detail)
 }
 
-/// Parses a method frame's payload; unknown methods and bad arguments get
-/// distinct replies, as in RabbitMQ.
+/// Parses a method frame's payload (at least 4 bytes: class and method ids).
 fn parse_method(payload: &[u8]) -> AmqpResult<AMQPClass> {
-    if payload.len() < 4 {
-        return Err(AmqpError::connection(
-            code::FRAME_ERROR,
-            "method frame too short",
-        ));
-    }
     let class_id = u16::from_be_bytes([payload[0], payload[1]]);
     let method_id = u16::from_be_bytes([payload[2], payload[3]]);
     match parse_class(payload) {
-        Ok((rest, class)) if rest.is_empty() => Ok(class),
+        Ok((rest, class)) if rest.is_empty() => {
+            check_qos_prefetch_size(class_id, method_id, payload)?;
+            Ok(class)
+        }
+        // RabbitMQ drops the connection without a word here; a close that names
+        // the method tells the client what went wrong.
         _ if !is_known_method(class_id, method_id) => Err(AmqpError::connection(
-            code::COMMAND_INVALID,
+            code::NOT_IMPLEMENTED,
             format!("unknown method: class {class_id}, method {method_id}"),
         )
         .in_method(class_id, method_id)),
-        _ => Err(AmqpError::connection(
-            code::SYNTAX_ERROR,
-            format!("cannot decode arguments of method class {class_id}, method {method_id}"),
-        )
-        .in_method(class_id, method_id)),
+        _ => Err(frame_error(format!("cannot decode {}", erlang_binary(&payload[4..])))
+            .in_method(class_id, method_id)),
     }
+}
+
+/// basic.qos's prefetch_size is parsed and dropped by amq-protocol, but a
+/// non-zero value is something RabbitMQ refuses (540), so we read it here.
+fn check_qos_prefetch_size(class_id: u16, method_id: u16, payload: &[u8]) -> AmqpResult<()> {
+    if (class_id, method_id) != (60, 10) || payload.len() < 8 {
+        return Ok(());
+    }
+    let prefetch_size = u32::from_be_bytes([payload[4], payload[5], payload[6], payload[7]]);
+    if prefetch_size == 0 {
+        return Ok(());
+    }
+    Err(AmqpError::connection(code::NOT_IMPLEMENTED, format!("prefetch_size!=0 ({prefetch_size})")).in_method(60, 10))
+}
+
+/// RabbitMQ quotes offending frames in its error texts; so do we, the same way.
+fn describe_octets(payload: &[u8]) -> String {
+    if payload.len() <= 16 {
+        format!("all octets = {}", erlang_binary(payload))
+    } else {
+        format!("first 16 octets = {}", erlang_binary(&payload[..16]))
+    }
+}
+
+/// Formats bytes as Erlang prints a binary: `<<"text">>` or `<<0,50>>`.
+fn erlang_binary(bytes: &[u8]) -> String {
+    let printable = |b: &u8| (0x20..0x7f).contains(b) && *b != b'"' && *b != b'\\';
+    if !bytes.is_empty() && bytes.iter().all(printable) {
+        return format!("<<\"{}\">>", String::from_utf8_lossy(bytes));
+    }
+    let numbers: Vec<String> = bytes.iter().map(|b| b.to_string()).collect();
+    format!("<<{}>>", numbers.join(","))
 }
 
 /// Class and method ids of AMQP 0-9-1 (with RabbitMQ's extensions).

@@ -117,7 +117,8 @@ pub async fn run(
     reader.set_frame_max(frame_max);
     outbox.set_frame_max(frame_max);
     let heartbeat = Duration::from_secs(tune_ok.heartbeat.into());
-    outbox.set_heartbeat(heartbeat);
+    // Like RabbitMQ, beat at half the interval so one late beat is not a miss.
+    outbox.set_heartbeat(heartbeat / 2);
 
     let open = match next_method(socket, reader).await? {
         AMQPClass::Connection(connection::AMQPMethod::Open(o)) => o,
@@ -125,7 +126,12 @@ pub async fn run(
     };
     let vhost = broker
         .vhost(open.virtual_host.as_str())
-        .ok_or_else(|| not_allowed(format!("vhost {} not found", open.virtual_host)))?;
+        .ok_or_else(|| {
+            Refused::Close(
+                AmqpError::connection(code::NOT_ALLOWED, format!("vhost {} not found", open.virtual_host))
+                    .in_method(10, 40),
+            )
+        })?;
     outbox.send_method(
         0,
         AMQPClass::Connection(connection::AMQPMethod::OpenOk(connection::OpenOk {})),
