@@ -629,10 +629,17 @@ async fn unknown_class_or_method_id_closes_the_connection() {
 /// RabbitMQ 3.10 drops the socket on an unknown method without a frame (its
 /// connection process crashes); Hare sends connection.close 540 naming the
 /// method first, so the client learns why.
-async fn expect_unknown_method_refused(broker: &TestBroker, victim: &mut Raw, class: u16, meth: u16) {
+async fn expect_unknown_method_refused(
+    broker: &TestBroker,
+    victim: &mut Raw,
+    class: u16,
+    meth: u16,
+) {
     if broker.is_hare() {
         let text = format!("NOT_IMPLEMENTED - unknown method: class {class}, method {meth}");
-        victim.expect_connection_close(540, &text, class, meth).await;
+        victim
+            .expect_connection_close(540, &text, class, meth)
+            .await;
     } else {
         victim.expect_closed_without_frame().await;
     }
@@ -883,8 +890,14 @@ async fn message_larger_than_max_message_size_is_channel_406() {
     if _broker.is_hare() {
         // Hare refuses at the content header instead of buffering 128 MiB first
         // (RabbitMQ checks after the body); the reply is the same.
-        victim.expect_channel_close(1, 406, expected_text, 60, 40).await;
-        assert_eq!(victim.declare(2, &q, true).await, 0, "rejected message not enqueued");
+        victim
+            .expect_channel_close(1, 406, expected_text, 60, 40)
+            .await;
+        assert_eq!(
+            victim.declare(2, &q, true).await,
+            0,
+            "rejected message not enqueued"
+        );
         victim.assert_healthy(1).await;
         victim.close().await;
         bystander_unaffected(bystander).await;

@@ -3,6 +3,7 @@
 
 use amq_protocol::types::{AMQPValue, FieldTable};
 
+use super::args;
 use crate::error::{AmqpError, AmqpResult};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -24,16 +25,15 @@ impl HeadersRule {
     pub fn compile(args: &FieldTable) -> AmqpResult<Self> {
         let (mode, with_x) = match args.inner().get("x-match") {
             None => (Mode::All, false),
-            Some(value) => match as_text(value).as_deref() {
+            Some(value) => match args::text(value).as_deref() {
                 Some("all") => (Mode::All, false),
                 Some("any") => (Mode::Any, false),
                 Some("all-with-x") => (Mode::All, true),
                 Some("any-with-x") => (Mode::Any, true),
-                _ => {
-                    return Err(AmqpError::precondition(format!(
-                        "Invalid x-match field value {value:?}; expected all, any, all-with-x, or any-with-x"
-                    )))
-                }
+                _ => return Err(AmqpError::precondition(format!(
+                    "Invalid x-match field value {}; expected all, any, all-with-x, or any-with-x",
+                    args::erlang_term(value)
+                ))),
             },
         };
         let required = args
@@ -57,44 +57,13 @@ impl HeadersRule {
         let headers = headers.unwrap_or(&empty).inner();
         let hit = |(name, want): &(String, Option<AMQPValue>)| match headers.get(name.as_str()) {
             None => false,
-            Some(have) => want.as_ref().is_none_or(|want| same_value(want, have)),
+            Some(have) => want
+                .as_ref()
+                .is_none_or(|want| args::same(Some(want), Some(have))),
         };
         match self.mode {
             Mode::All => self.required.iter().all(hit),
             Mode::Any => self.required.iter().any(hit),
         }
     }
-}
-
-fn as_text(value: &AMQPValue) -> Option<String> {
-    match value {
-        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
-        AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
-        _ => None,
-    }
-}
-
-fn as_integer(value: &AMQPValue) -> Option<i128> {
-    Some(match *value {
-        AMQPValue::ShortShortInt(v) => v.into(),
-        AMQPValue::ShortShortUInt(v) => v.into(),
-        AMQPValue::ShortInt(v) => v.into(),
-        AMQPValue::ShortUInt(v) => v.into(),
-        AMQPValue::LongInt(v) => v.into(),
-        AMQPValue::LongUInt(v) => v.into(),
-        AMQPValue::LongLongInt(v) => v.into(),
-        AMQPValue::Timestamp(v) => v.into(),
-        _ => return None,
-    })
-}
-
-/// RabbitMQ compares header values, not their wire types: a short 1 equals a long 1.
-fn same_value(a: &AMQPValue, b: &AMQPValue) -> bool {
-    if let (Some(x), Some(y)) = (as_integer(a), as_integer(b)) {
-        return x == y;
-    }
-    if let (Some(x), Some(y)) = (as_text(a), as_text(b)) {
-        return x == y;
-    }
-    a == b
 }

@@ -1,6 +1,7 @@
 //! The broker model: vhosts, exchanges, queues, messages. Pure logic with no
 //! I/O; the protocol layer drives it and the store persists what it decides.
 
+pub mod args;
 pub mod exchange;
 pub mod headers;
 pub mod message;

@@ -35,7 +35,7 @@ pub struct Delivery<'a> {
 /// Where a consumer's deliveries go: implemented by the protocol layer's channel,
 /// so queues never see sockets.
 pub trait DeliverySink: Send + Sync {
-    /// False while the channel is closed, flow-stopped, over its channel-wide
+    /// False while the channel is closed, over its channel-wide
     /// prefetch, or its connection's outbox is backed up.
     fn can_accept(&self) -> bool;
     /// Writes the delivery; gives the message back if the channel closed meanwhile.

@@ -4,9 +4,10 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use amq_protocol::types::{AMQPValue, FieldTable};
+use amq_protocol::types::FieldTable;
 use parking_lot::RwLock;
 
+use super::args;
 use super::exchange::{Destination, Exchange, ExchangeKind, ExchangeOptions};
 use super::queue::{Queue, QueueCounts, QueueOptions};
 use crate::error::{code, AmqpError, AmqpResult};
@@ -129,28 +130,38 @@ impl VHost {
 
     fn check_owner(&self, queue: &Queue, connection: u64) -> AmqpResult<()> {
         match queue.owner {
-            Some(owner) if owner != connection => Err(AmqpError::locked(format!(
-                "cannot obtain exclusive access to locked queue '{}' in vhost '{}'. It could be originally declared on another connection or the exclusive property value does not match that of the original declaration.",
-                queue.name, self.name
-            ))),
+            Some(owner) if owner != connection => Err(self.locked(queue)),
             _ => Ok(()),
         }
     }
 
+    fn locked(&self, queue: &Queue) -> AmqpError {
+        AmqpError::locked(format!(
+            "cannot obtain exclusive access to locked queue '{}' in vhost '{}'. It could be originally declared on another connection or the exclusive property value does not match that of the original declaration.",
+            queue.name, self.name
+        ))
+    }
+
     pub fn declare_exchange(&self, req: &ExchangeDeclare<'_>) -> AmqpResult<()> {
+        if req.name.is_empty() {
+            // Even a passive declare of the default exchange is refused, as in RabbitMQ.
+            return Err(AmqpError::access_refused(
+                "operation not permitted on the default exchange",
+            ));
+        }
         if req.passive {
             self.exchange(req.name)?;
             return Ok(());
         }
         if req.name.is_empty() {
-            return Err(AmqpError::access_refused(format!(
-                "operation not permitted on the default exchange"
-            )));
+            return Err(AmqpError::access_refused(
+                "operation not permitted on the default exchange",
+            ));
         }
         let kind = ExchangeKind::parse(req.kind).ok_or_else(|| {
             AmqpError::connection(
                 code::COMMAND_INVALID,
-                format!("invalid exchange type '{}'", req.kind),
+                format!("unknown exchange type '{}'", req.kind),
             )
         })?;
         let wanted = ExchangeOptions {
@@ -209,16 +220,16 @@ impl VHost {
     }
 
     pub fn delete_exchange(&self, name: &str, if_unused: bool) -> AmqpResult<()> {
-        if name.is_empty() || PREDECLARED.iter().any(|(n, _)| *n == name) {
+        if name.is_empty() {
+            return Err(AmqpError::access_refused(
+                "operation not permitted on the default exchange",
+            ));
+        }
+        if PREDECLARED.iter().any(|(n, _)| *n == name) {
             return Err(AmqpError::access_refused(format!(
-                "operation not permitted on the default exchange"
-            ))
-            .with_detail_if(!name.is_empty(), || {
-                format!(
-                    "deletion of system exchange '{name}' in vhost '{}' is not allowed",
-                    self.name
-                )
-            }));
+                "deletion of system exchange '{name}' in vhost '{}' not allowed",
+                self.name
+            )));
         }
         let exchange = {
             let mut exchanges = self.exchanges.write();
@@ -278,6 +289,10 @@ impl VHost {
         if let Some(existing) = queues.get(&name).cloned() {
             drop(queues);
             self.check_owner(&existing, req.connection)?;
+            if req.options.exclusive && existing.owner.is_none() {
+                // Claiming a shared queue as exclusive is a lock conflict (405), not 406.
+                return Err(self.locked(&existing));
+            }
             self.check_queue_equivalent(&existing, &req.options)?;
             let counts = existing.counts();
             return Ok((existing, counts));
@@ -328,8 +343,13 @@ impl VHost {
         for arg in COMPARED_QUEUE_ARGS {
             let a = wanted.arguments.inner().get(*arg);
             let b = have.arguments.inner().get(*arg);
-            if !same_argument(a, b) {
-                return mismatch(arg, describe_arg(a), describe_arg(b));
+            if !args::same(a, b) {
+                return Err(AmqpError::precondition(format!(
+                    "inequivalent arg '{arg}' for queue '{}' in vhost '{}': {}",
+                    existing.name,
+                    self.name,
+                    args::describe_mismatch(a, b)
+                )));
             }
         }
         Ok(())
@@ -356,7 +376,7 @@ impl VHost {
         }
         if if_empty && counts.messages > 0 {
             return Err(AmqpError::precondition(format!(
-                "queue '{name}' in vhost '{}' is not empty",
+                "queue '{name}' in vhost '{}' not empty",
                 self.name
             )));
         }
@@ -411,7 +431,10 @@ impl VHost {
         connection: u64,
     ) -> AmqpResult<()> {
         let queue = self.queue(queue, connection)?;
-        let exchange = self.bindable_exchange(exchange)?;
+        // Unbinding from a missing exchange succeeds in RabbitMQ: the binding is gone either way.
+        let Some(exchange) = self.exchanges.read().get(exchange).cloned() else {
+            return Ok(());
+        };
         if exchange.unbind(&Destination::Queue(queue), Some(key), Some(arguments)) {
             self.maybe_auto_delete(&exchange);
         }
@@ -457,55 +480,6 @@ impl VHost {
             ));
         }
         self.exchange(name)
-    }
-}
-
-impl AmqpError {
-    fn with_detail_if(self, cond: bool, detail: impl FnOnce() -> String) -> Self {
-        if cond {
-            AmqpError::new(self.scope, self.code, detail())
-        } else {
-            self
-        }
-    }
-}
-
-/// RabbitMQ compares argument values, with integers equal across widths.
-fn same_argument(a: Option<&AMQPValue>, b: Option<&AMQPValue>) -> bool {
-    match (a, b) {
-        (None, None) => true,
-        (Some(x), Some(y)) => match (integer(x), integer(y)) {
-            (Some(i), Some(j)) => i == j,
-            _ => x == y,
-        },
-        _ => false,
-    }
-}
-
-fn integer(v: &AMQPValue) -> Option<i128> {
-    Some(match *v {
-        AMQPValue::ShortShortInt(v) => v.into(),
-        AMQPValue::ShortShortUInt(v) => v.into(),
-        AMQPValue::ShortInt(v) => v.into(),
-        AMQPValue::ShortUInt(v) => v.into(),
-        AMQPValue::LongInt(v) => v.into(),
-        AMQPValue::LongUInt(v) => v.into(),
-        AMQPValue::LongLongInt(v) => v.into(),
-        _ => return None,
-    })
-}
-
-fn describe_arg(v: Option<&AMQPValue>) -> String {
-    match v {
-        None => "none".to_string(),
-        Some(AMQPValue::LongString(s)) => format!(
-            "the value '{}' of type 'longstr'",
-            String::from_utf8_lossy(s.as_bytes())
-        ),
-        Some(v) => match integer(v) {
-            Some(i) => format!("the value '{i}' of type 'long'"),
-            None => format!("the value '{v:?}'"),
-        },
     }
 }
 

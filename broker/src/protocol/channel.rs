@@ -27,6 +27,8 @@ pub struct Context<'a> {
     pub vhost: &'a Arc<VHost>,
     pub connection_id: u64,
     pub config: &'a Config,
+    /// The authenticated user, which a message's user_id must match.
+    pub user: &'a str,
 }
 
 /// A publish whose header and body frames are still arriving.
@@ -114,7 +116,8 @@ pub struct Channel {
     last_queue: Option<String>,
 }
 
-const EXPECTED_HEADER: &str = "expected content header for class 60, got non content header frame instead";
+const EXPECTED_HEADER: &str =
+    "expected content header for class 60, got non content header frame instead";
 const EXPECTED_BODY: &str = "expected content body, got non content body frame instead";
 
 /// A broken content sequence ends the connection with 505, as in RabbitMQ.
@@ -245,9 +248,20 @@ impl Channel {
         let incoming = self.incoming.take().expect("content in progress");
         let (properties, raw_header, _) = incoming.header.expect("header received");
         let publish = incoming.publish;
+        if let Some(claimed) = properties.user_id() {
+            if claimed.as_str() != ctx.user {
+                return Err(in_publish(AmqpError::precondition(format!(
+                    "user_id property set to '{claimed}' but authenticated user was '{}'",
+                    ctx.user
+                ))));
+            }
+        }
         if publish.immediate {
             // RabbitMQ raises this once the content is complete, not at the method.
-            return Err(in_publish(AmqpError::connection(code::NOT_IMPLEMENTED, "immediate=true")));
+            return Err(in_publish(AmqpError::connection(
+                code::NOT_IMPLEMENTED,
+                "immediate=true",
+            )));
         }
         let message = Arc::new(Message {
             exchange: publish.exchange.clone(),
@@ -401,14 +415,15 @@ impl Channel {
                 Ok(())
             }
             AMQPClass::Tx(m) => self.tx_method(ctx, m),
+            // RabbitMQ no longer lets clients pause deliveries with channel.flow;
+            // prefetch does that job. flow(true) is still acknowledged.
             AMQPClass::Channel(channel::AMQPMethod::Flow(f)) => {
-                self.shared.set_flow(f.active);
-                self.reply(AMQPClass::Channel(channel::AMQPMethod::FlowOk(
-                    channel::FlowOk { active: f.active },
-                )));
-                if f.active {
-                    self.poke_consumers();
+                if !f.active {
+                    return Err(AmqpError::connection(code::NOT_IMPLEMENTED, "active=false"));
                 }
+                self.reply(AMQPClass::Channel(channel::AMQPMethod::FlowOk(
+                    channel::FlowOk { active: true },
+                )));
                 Ok(())
             }
             AMQPClass::Channel(channel::AMQPMethod::FlowOk(_)) => Ok(()),
@@ -630,7 +645,13 @@ impl Channel {
             self.shared.set_channel_prefetch(q.prefetch_count.into());
             self.poke_consumers();
         } else {
+            // RabbitMQ's quirk, kept for compatibility: a per-consumer qos also
+            // lifts any channel-wide limit set before it.
             self.consumer_prefetch = q.prefetch_count.into();
+            if self.shared.has_channel_prefetch() {
+                self.shared.set_channel_prefetch(0);
+                self.poke_consumers();
+            }
         }
         self.reply(AMQPClass::Basic(basic::AMQPMethod::QosOk(basic::QosOk {})));
         Ok(())

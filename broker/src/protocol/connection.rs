@@ -233,6 +233,7 @@ impl Connection {
             vhost: &self.session.vhost,
             connection_id: self.id,
             config: &self.config,
+            user: &self.session.user,
         };
         match frame {
             Inbound::Method(_, method) => match *method {

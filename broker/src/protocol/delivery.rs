@@ -1,6 +1,6 @@
 //! The part of a channel that queues reach into: it numbers deliveries, keeps
 //! them until they are acknowledged, and applies the channel-wide limits
-//! (flow, channel prefetch, a backed-up socket) before a queue hands it more.
+//! (a closed channel, channel prefetch, a backed-up socket) before a queue hands it more.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -42,7 +42,6 @@ pub struct ChannelShared {
     outbox: Arc<Outbox>,
     state: Mutex<DeliveryState>,
     closed: AtomicBool,
-    flow_active: AtomicBool,
     /// basic.qos global=true: limit across all consumers of the channel; 0 = none.
     channel_prefetch: AtomicU32,
     channel_in_flight: AtomicU32,
@@ -60,7 +59,6 @@ impl ChannelShared {
                 ..Default::default()
             }),
             closed: AtomicBool::new(false),
-            flow_active: AtomicBool::new(true),
             channel_prefetch: AtomicU32::new(0),
             channel_in_flight: AtomicU32::new(0),
             cancel_notify,
@@ -88,10 +86,6 @@ impl ChannelShared {
             let pos = st.unacked.partition_point(|x| x.tag < u.tag);
             st.unacked.insert(pos, u);
         }
-    }
-
-    pub fn set_flow(&self, active: bool) {
-        self.flow_active.store(active, Ordering::Relaxed);
     }
 
     pub fn add_consumer(&self, tag: ShortString, consumer: ConsumerRef) {
@@ -182,7 +176,7 @@ impl ChannelShared {
 
 impl DeliverySink for ChannelShared {
     fn can_accept(&self) -> bool {
-        if self.closed.load(Ordering::Relaxed) || !self.flow_active.load(Ordering::Relaxed) {
+        if self.closed.load(Ordering::Relaxed) {
             return false;
         }
         let limit = self.channel_prefetch.load(Ordering::Relaxed);

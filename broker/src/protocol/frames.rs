@@ -66,7 +66,8 @@ impl FrameReader {
         }
         let frame_type = self.buf[0];
         let channel = u16::from_be_bytes([self.buf[1], self.buf[2]]);
-        let size = u32::from_be_bytes([self.buf[3], self.buf[4], self.buf[5], self.buf[6]]) as usize;
+        let size =
+            u32::from_be_bytes([self.buf[3], self.buf[4], self.buf[5], self.buf[6]]) as usize;
         if self.frame_max != 0 && size + FRAME_OVERHEAD > self.frame_max as usize {
             // Refused before buffering: a peer must not make us hold an oversized frame.
             return Err(frame_error(format!(
@@ -90,7 +91,10 @@ impl FrameReader {
                 describe_octets(&payload)
             )));
         }
-        let known = matches!(frame_type, FRAME_METHOD | FRAME_HEADER | FRAME_BODY | FRAME_HEARTBEAT);
+        let known = matches!(
+            frame_type,
+            FRAME_METHOD | FRAME_HEADER | FRAME_BODY | FRAME_HEARTBEAT
+        );
         if !known || (frame_type == FRAME_METHOD && payload.len() < 4) {
             return Err(frame_error(format!(
                 "type {frame_type}, {}: unknown_frame",
@@ -101,7 +105,10 @@ impl FrameReader {
             FRAME_METHOD => Inbound::Method(channel, Box::new(parse_method(&payload)?)),
             FRAME_HEADER => {
                 let (_, header) = parse_content_header(&payload[..]).map_err(|_| {
-                    frame_error(format!("type 2, {}: malformed content header", describe_octets(&payload)))
+                    frame_error(format!(
+                        "type 2, {}: malformed content header",
+                        describe_octets(&payload)
+                    ))
                 })?;
                 Inbound::Header {
                     channel,
@@ -126,7 +133,7 @@ fn parse_method(payload: &[u8]) -> AmqpResult<AMQPClass> {
     let class_id = u16::from_be_bytes([payload[0], payload[1]]);
     let method_id = u16::from_be_bytes([payload[2], payload[3]]);
     match parse_class(payload) {
-        Ok((rest, class)) if rest.is_empty() => {
+        Ok((&[], class)) => {
             check_qos_prefetch_size(class_id, method_id, payload)?;
             Ok(class)
         }
@@ -137,8 +144,10 @@ fn parse_method(payload: &[u8]) -> AmqpResult<AMQPClass> {
             format!("unknown method: class {class_id}, method {method_id}"),
         )
         .in_method(class_id, method_id)),
-        _ => Err(frame_error(format!("cannot decode {}", erlang_binary(&payload[4..])))
-            .in_method(class_id, method_id)),
+        _ => Err(
+            frame_error(format!("cannot decode {}", erlang_binary(&payload[4..])))
+                .in_method(class_id, method_id),
+        ),
     }
 }
 
@@ -152,7 +161,11 @@ fn check_qos_prefetch_size(class_id: u16, method_id: u16, payload: &[u8]) -> Amq
     if prefetch_size == 0 {
         return Ok(());
     }
-    Err(AmqpError::connection(code::NOT_IMPLEMENTED, format!("prefetch_size!=0 ({prefetch_size})")).in_method(60, 10))
+    Err(AmqpError::connection(
+        code::NOT_IMPLEMENTED,
+        format!("prefetch_size!=0 ({prefetch_size})"),
+    )
+    .in_method(60, 10))
 }
 
 /// RabbitMQ quotes offending frames in its error texts; so do we, the same way.

@@ -124,14 +124,15 @@ pub async fn run(
         AMQPClass::Connection(connection::AMQPMethod::Open(o)) => o,
         other => return Err(unexpected_method(&other, "connection.open")),
     };
-    let vhost = broker
-        .vhost(open.virtual_host.as_str())
-        .ok_or_else(|| {
-            Refused::Close(
-                AmqpError::connection(code::NOT_ALLOWED, format!("vhost {} not found", open.virtual_host))
-                    .in_method(10, 40),
+    let vhost = broker.vhost(open.virtual_host.as_str()).ok_or_else(|| {
+        Refused::Close(
+            AmqpError::connection(
+                code::NOT_ALLOWED,
+                format!("vhost {} not found", open.virtual_host),
             )
-        })?;
+            .in_method(10, 40),
+        )
+    })?;
     outbox.send_method(
         0,
         AMQPClass::Connection(connection::AMQPMethod::OpenOk(connection::OpenOk {})),
@@ -220,6 +221,7 @@ fn start_method() -> connection::Start {
     properties.insert("product".into(), text("Hare"));
     properties.insert("version".into(), text(env!("CARGO_PKG_VERSION")));
     properties.insert("platform".into(), text("Rust"));
+    properties.insert("copyright".into(), text("Copyright (c) the Hare authors"));
     properties.insert(
         "information".into(),
         text("A single-node AMQP 0-9-1 broker"),
