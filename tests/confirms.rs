@@ -6,7 +6,7 @@ use common::*;
 use lapin::options::{
     BasicAckOptions, BasicGetOptions, BasicPublishOptions, ChannelFlowOptions, ConfirmSelectOptions,
 };
-use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Confirmation};
 
 async fn confirm_select(ch: &Channel) -> lapin::Result<()> {
