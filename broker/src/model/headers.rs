@@ -30,10 +30,12 @@ impl HeadersRule {
                 Some("any") => (Mode::Any, false),
                 Some("all-with-x") => (Mode::All, true),
                 Some("any-with-x") => (Mode::Any, true),
-                _ => return Err(AmqpError::precondition(format!(
+                _ => {
+                    return Err(AmqpError::precondition(format!(
                     "Invalid x-match field value {}; expected all, any, all-with-x, or any-with-x",
                     args::erlang_term(value)
-                ))),
+                )))
+                }
             },
         };
         let required = args
