@@ -15,6 +15,31 @@ pub struct TestBroker {
     url: String,
     addr: Option<SocketAddr>,
     _running: Option<RunningBroker>,
+    /// A fresh data dir per broker, removed when the broker is dropped.
+    data_dir: Option<std::path::PathBuf>,
+}
+
+impl Drop for TestBroker {
+    fn drop(&mut self) {
+        self._running.take();
+        if let Some(dir) = self.data_dir.take() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+/// A unique, empty directory under the system temp dir.
+pub fn temp_data_dir(label: &str) -> std::path::PathBuf {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "hare-{label}-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("create a temp data dir");
+    dir
 }
 
 impl TestBroker {
@@ -30,10 +55,16 @@ impl TestBroker {
                 url,
                 addr: None,
                 _running: None,
+                data_dir: None,
             };
         }
+        let data_dir = temp_data_dir("test");
         let mut config = Config {
             listen: "127.0.0.1:0".parse().expect("static address"),
+            data_dir: data_dir.clone(),
+            // The test's own runtime is blocked while the broker is dropped, so
+            // its clients could not answer a close: stop at once instead.
+            shutdown_grace: std::time::Duration::ZERO,
             ..Config::default()
         };
         tweak(&mut config);
@@ -43,6 +74,7 @@ impl TestBroker {
             url: format!("amqp://guest:guest@{addr}/%2f"),
             addr: Some(addr),
             _running: Some(running),
+            data_dir: Some(data_dir),
         }
     }
 
@@ -76,5 +108,103 @@ impl TestBroker {
         lapin::Connection::connect(self.url(), lapin::ConnectionProperties::default())
             .await
             .expect("connect")
+    }
+}
+
+/// A broker running as a separate `hare` process, for what an in-process broker
+/// cannot show: `kill -9`, restarts on the same data dir, SIGTERM.
+///
+/// Tests pass `env!("CARGO_BIN_EXE_hare")` as the binary.
+pub struct BrokerProcess {
+    child: std::process::Child,
+    addr: SocketAddr,
+}
+
+impl BrokerProcess {
+    /// Starts `hare` on a free loopback port with `data_dir`, waiting (up to
+    /// 30 s) until it accepts connections or exits. Extra flags go after ours.
+    pub fn start(
+        binary: &str,
+        data_dir: &std::path::Path,
+        extra: &[&str],
+    ) -> std::io::Result<Self> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(data_dir.with_extension("log"))?;
+        let mut child = std::process::Command::new(binary)
+            .arg("--listen")
+            .arg(addr.to_string())
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()?;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            if std::net::TcpStream::connect(addr).is_ok() {
+                return Ok(BrokerProcess { child, addr });
+            }
+            if let Some(status) = child.try_wait()? {
+                return Err(std::io::Error::other(format!(
+                    "hare exited early: {status}"
+                )));
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                return Err(std::io::Error::other(
+                    "hare did not start listening within 30 s",
+                ));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("amqp://guest:guest@{}/%2f", self.addr)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGKILL: no chance to flush or close anything.
+    pub fn kill9(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then waits up to `timeout` for the exit status.
+    pub fn terminate(mut self, timeout: std::time::Duration) -> Option<std::process::ExitStatus> {
+        let _ = std::process::Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        let deadline = std::time::Instant::now() + timeout;
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        None
+    }
+
+    /// Waits for the process to exit by itself (e.g. refused to start).
+    pub fn wait(mut self) -> std::io::Result<std::process::ExitStatus> {
+        self.child.wait()
+    }
+}
+
+impl Drop for BrokerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }

@@ -24,6 +24,11 @@ pub struct Config {
     pub users: Vec<User>,
     /// Virtual hosts that exist at start-up.
     pub vhosts: Vec<String>,
+    /// Memory the store may use to cache disk pages (bodies of paged-out
+    /// messages live on disk, so this bounds what they cost in RAM).
+    pub store_cache_bytes: u64,
+    /// How long connections get at shutdown to receive their 320 close.
+    pub shutdown_grace: Duration,
 }
 
 /// A user account. `loopback_only` mirrors RabbitMQ's `loopback_users` for guest.
@@ -49,6 +54,8 @@ impl Default for Config {
                 loopback_only: true,
             }],
             vhosts: vec!["/".into()],
+            store_cache_bytes: 64 * 1024 * 1024,
+            shutdown_grace: Duration::from_secs(5),
         }
     }
 }

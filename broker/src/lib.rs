@@ -2,6 +2,7 @@
 //!
 //! Data flows one way through four layers; each module owns one concern:
 //!
+//! - [`cli`]       — the `hare` command line (flags, environment, logging).
 //! - [`config`]    — settings, filled by the CLI or built by tests.
 //! - [`net`]       — accept loop; one reader and one writer task per connection.
 //! - [`protocol`]  — what goes over the wire: frame I/O around amq-protocol's codec,
@@ -13,6 +14,7 @@
 //!
 //! `model` decides, `protocol` speaks, `store` remembers.
 
+pub mod cli;
 pub mod config;
 pub mod error;
 pub mod model;
@@ -35,8 +37,10 @@ pub struct RunningBroker {
 }
 
 impl RunningBroker {
-    /// Binds the listener now (so the port is known on return) and serves on a new thread.
+    /// Opens the data dir and binds the listener now (so errors and the port
+    /// are known on return), then serves on a new thread.
     pub fn start(config: config::Config) -> std::io::Result<Self> {
+        let broker = Arc::new(model::Broker::open(&config).map_err(std::io::Error::other)?);
         let listener = std::net::TcpListener::bind(config.listen)?;
         listener.set_nonblocking(true)?;
         let local_addr = listener.local_addr()?;
@@ -49,12 +53,17 @@ impl RunningBroker {
         let thread = std::thread::Builder::new()
             .name("hare-broker".into())
             .spawn(move || {
+                let store = broker.store().cloned();
                 runtime.block_on(async move {
                     let listener = tokio::net::TcpListener::from_std(listener)
                         .expect("listener registers with the runtime");
-                    let broker = Arc::new(model::Broker::new(&config));
                     net::serve(listener, broker, Arc::new(config), shutdown_rx).await;
                 });
+                // Closed before the model is dropped: dropping queues must not
+                // delete the persistent messages they hold.
+                if let Some(store) = store {
+                    store.close();
+                }
                 runtime.shutdown_background();
             })?;
         Ok(RunningBroker {

@@ -1,28 +1,33 @@
 //! The accept loop: one task per connection, nothing shared between them but
-//! the broker model.
+//! the broker model. On shutdown it stops accepting, lets every connection
+//! close itself (320 CONNECTION_FORCED) and waits for them, briefly.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tokio::task::JoinSet;
 
 use crate::config::Config;
 use crate::model::Broker;
 use crate::protocol::connection;
 
-/// Accepts connections until `shutdown` turns true.
+/// Accepts connections until `shutdown` turns true, then waits for them to close.
 pub async fn serve(
     listener: TcpListener,
     broker: Arc<Broker>,
     config: Arc<Config>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let mut connections = JoinSet::new();
     loop {
+        while connections.try_join_next().is_some() {}
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
-                    tokio::spawn(connection::serve(stream, peer, broker.clone(), config.clone()));
+                    let task = connection::serve(stream, peer, broker.clone(), config.clone(), shutdown.clone());
+                    connections.spawn(task);
                 }
                 Err(error) => {
                     // Typically EMFILE: back off instead of spinning.
@@ -30,7 +35,15 @@ pub async fn serve(
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             },
-            _ = shutdown.changed() => return,
+            _ = shutdown.changed() => break,
         }
+    }
+    drop(listener);
+    let all_closed = async { while connections.join_next().await.is_some() {} };
+    if tokio::time::timeout(config.shutdown_grace, all_closed)
+        .await
+        .is_err()
+    {
+        tracing::warn!("some connections did not close in time");
     }
 }

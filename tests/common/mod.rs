@@ -21,6 +21,8 @@ use lapin::{Channel, Connection, ConnectionProperties, Consumer, ExchangeKind};
 
 pub use hare_suite::TestBroker;
 
+pub mod raw;
+
 /// Upper bound for any single wait on the broker.
 pub const TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -442,83 +444,5 @@ pub async fn wait_message_count(ch: &Channel, queue: &str, expected: u32) {
             panic!("queue {queue}: message count stayed {n}, expected {expected}");
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// Raw-socket helpers for what lapin does not expose (server properties, tune values).
-pub mod raw {
-    use amq_protocol::frame::{gen_frame, parse_frame, AMQPFrame};
-    use amq_protocol::protocol::{connection, AMQPClass};
-    use amq_protocol::types::FieldTable;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tokio::net::TcpStream;
-
-    use super::within;
-
-    /// A bare AMQP socket.
-    pub struct RawConn {
-        pub stream: TcpStream,
-    }
-
-    impl RawConn {
-        /// Connects and sends the AMQP 0-9-1 protocol header.
-        pub async fn open(addr: std::net::SocketAddr) -> RawConn {
-            let mut stream = within(TcpStream::connect(addr)).await.expect("tcp connect");
-            within(stream.write_all(b"AMQP\x00\x00\x09\x01"))
-                .await
-                .expect("write protocol header");
-            RawConn { stream }
-        }
-
-        /// Reads one complete frame.
-        pub async fn read_frame(&mut self) -> AMQPFrame {
-            let mut header = [0u8; 7];
-            within(self.stream.read_exact(&mut header))
-                .await
-                .expect("read frame header");
-            let size = u32::from_be_bytes([header[3], header[4], header[5], header[6]]) as usize;
-            let mut buf = header.to_vec();
-            buf.resize(7 + size + 1, 0);
-            within(self.stream.read_exact(&mut buf[7..]))
-                .await
-                .expect("read frame body");
-            let (_, frame) = parse_frame(buf.as_slice()).expect("parse frame");
-            frame
-        }
-
-        /// Writes one frame.
-        pub async fn write_frame(&mut self, frame: &AMQPFrame) {
-            let buf = Vec::new();
-            let (buf, _) = gen_frame(frame)(buf.into())
-                .expect("serialise frame")
-                .into_inner();
-            within(self.stream.write_all(&buf))
-                .await
-                .expect("write frame");
-        }
-
-        /// Reads connection.start.
-        pub async fn read_start(&mut self) -> connection::Start {
-            match self.read_frame().await {
-                AMQPFrame::Method(0, AMQPClass::Connection(connection::AMQPMethod::Start(s))) => s,
-                other => panic!("expected connection.start, got {other:?}"),
-            }
-        }
-
-        /// Answers connection.start with PLAIN guest/guest and reads connection.tune.
-        pub async fn start_ok_plain(&mut self, user: &str, pass: &str) -> AMQPFrame {
-            let start_ok = connection::StartOk {
-                client_properties: FieldTable::default(),
-                mechanism: "PLAIN".into(),
-                response: format!("\0{user}\0{pass}").into(),
-                locale: "en_US".into(),
-            };
-            self.write_frame(&AMQPFrame::Method(
-                0,
-                AMQPClass::Connection(connection::AMQPMethod::StartOk(start_ok)),
-            ))
-            .await;
-            self.read_frame().await
-        }
     }
 }

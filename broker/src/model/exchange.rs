@@ -53,6 +53,21 @@ pub enum Destination {
 }
 
 impl Destination {
+    /// Whether the destination outlives a restart, so bindings to it are stored.
+    pub fn is_durable(&self) -> bool {
+        match self {
+            Destination::Queue(q) => q.is_durable_store(),
+            Destination::Exchange(e) => e.options.durable,
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        match self {
+            Destination::Queue(q) => &q.name,
+            Destination::Exchange(e) => &e.name,
+        }
+    }
+
     pub fn same_as(&self, other: &Destination) -> bool {
         match (self, other) {
             (Destination::Queue(a), Destination::Queue(b)) => Arc::ptr_eq(a, b),
@@ -204,6 +219,16 @@ impl Exchange {
             table.by_key = by_key;
         }
         removed
+    }
+
+    /// Every binding of this exchange: (destination, routing key, arguments).
+    pub fn bindings(&self) -> Vec<(Destination, String, FieldTable)> {
+        self.bindings
+            .read()
+            .all
+            .iter()
+            .map(|b| (b.destination.clone(), b.key.clone(), b.arguments.clone()))
+            .collect()
     }
 
     pub fn has_bindings(&self) -> bool {

@@ -14,26 +14,76 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crate::config::{Config, User};
-use vhost::VHost;
+use crate::store::{Store, StoreError};
+use vhost::{RecoveredVHost, VHost};
 
 /// The whole broker state that connections share.
 pub struct Broker {
     vhosts: HashMap<String, Arc<VHost>>,
     users: Vec<User>,
     next_id: AtomicU64,
+    store: Option<Arc<Store>>,
 }
 
 impl Broker {
+    /// A broker that keeps everything in memory.
     pub fn new(config: &Config) -> Self {
+        Self::build(config, None)
+    }
+
+    /// A broker on a data dir: opens the store and restores what it holds.
+    pub fn open(config: &Config) -> Result<Self, StoreError> {
+        let store = Store::open(&config.data_dir, config.store_cache_bytes)?;
+        let recovered = store.recover()?;
+        let broker = Self::build(config, Some(store));
+        let mut by_vhost: HashMap<String, RecoveredVHost> = HashMap::new();
+        for e in recovered.exchanges {
+            by_vhost
+                .entry(e.vhost.clone())
+                .or_default()
+                .exchanges
+                .push(e);
+        }
+        for (q, entries) in recovered.queues {
+            by_vhost
+                .entry(q.vhost.clone())
+                .or_default()
+                .queues
+                .push((q, entries));
+        }
+        for b in recovered.bindings {
+            by_vhost
+                .entry(b.vhost.clone())
+                .or_default()
+                .bindings
+                .push(b);
+        }
+        for (name, parts) in by_vhost {
+            match broker.vhosts.get(&name) {
+                Some(vhost) => vhost.restore(parts),
+                None => {
+                    tracing::warn!(vhost = %name, "data dir holds a vhost this broker does not serve; left untouched")
+                }
+            }
+        }
+        Ok(broker)
+    }
+
+    fn build(config: &Config, store: Option<Arc<Store>>) -> Self {
         Broker {
             vhosts: config
                 .vhosts
                 .iter()
-                .map(|name| (name.clone(), Arc::new(VHost::new(name))))
+                .map(|name| (name.clone(), Arc::new(VHost::new(name, store.clone()))))
                 .collect(),
             users: config.users.clone(),
             next_id: AtomicU64::new(1),
+            store,
         }
+    }
+
+    pub fn store(&self) -> Option<&Arc<Store>> {
+        self.store.as_ref()
     }
 
     pub fn vhost(&self, name: &str) -> Option<Arc<VHost>> {

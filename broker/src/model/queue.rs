@@ -4,6 +4,11 @@
 //! Each queue has its own short-held lock; nothing on the publish or deliver path
 //! takes a broker-wide lock. Lock order is queue → channel → connection outbox,
 //! and the acknowledgement path releases the channel before it takes a queue.
+//!
+//! A durable queue keeps a journal in the store (what it holds, in order, and
+//! what was delivered) and, past a short in-memory head, keeps only the
+//! message's place and disk id: bodies are read back as consumers catch up, so
+//! memory does not grow with the bytes queued.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -14,14 +19,31 @@ use parking_lot::Mutex;
 
 use super::message::Message;
 use crate::error::{AmqpError, AmqpResult};
+use crate::store::{RecoveredMessage, Store, StoredMessage};
+
+/// Ready messages of a durable queue beyond this many wait on disk only.
+const IN_MEMORY_READY: usize = 1024;
 
 /// A message in a queue. `seq` is its position at enqueue time, so requeued
 /// messages go back where they were, as in RabbitMQ.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct QueuedMessage {
     pub seq: u64,
-    pub message: Arc<Message>,
     pub redelivered: bool,
+    /// The message itself; `None` while it is paged out to the store.
+    pub message: Option<Arc<Message>>,
+    /// Its copy on disk, for persistent messages in durable queues.
+    pub stored: Option<Arc<StoredMessage>>,
+}
+
+impl QueuedMessage {
+    /// The message, read back from the store if it was paged out.
+    pub fn load(&mut self) -> Option<Arc<Message>> {
+        if self.message.is_none() {
+            self.message = self.stored.as_ref()?.load().map(Arc::new);
+        }
+        self.message.clone()
+    }
 }
 
 /// One delivery handed to a consumer's channel.
@@ -29,6 +51,7 @@ pub struct Delivery<'a> {
     pub consumer_tag: &'a ShortString,
     pub consumer_id: u64,
     pub no_ack: bool,
+    pub content: Arc<Message>,
     pub message: QueuedMessage,
 }
 
@@ -91,12 +114,44 @@ pub struct QueueOptions {
     pub arguments: FieldTable,
 }
 
+/// A durable queue's record in the store.
+pub struct Journal {
+    pub store: Arc<Store>,
+    pub queue_id: u64,
+}
+
+impl Journal {
+    fn added(&self, m: &QueuedMessage) {
+        if let Some(stored) = &m.stored {
+            self.store
+                .index_add(self.queue_id, m.seq, stored.id, m.redelivered);
+        }
+    }
+
+    /// Remembered so a restart marks it redelivered.
+    fn delivered(&self, m: &QueuedMessage) {
+        if !m.redelivered {
+            if let Some(stored) = &m.stored {
+                self.store.index_add(self.queue_id, m.seq, stored.id, true);
+            }
+        }
+    }
+
+    fn removed(&self, m: &QueuedMessage) {
+        if m.stored.is_some() {
+            self.store.index_remove(self.queue_id, m.seq);
+        }
+    }
+}
+
 pub struct Queue {
     pub name: String,
     pub vhost: String,
     pub options: QueueOptions,
     /// Connection that owns an exclusive queue.
     pub owner: Option<u64>,
+    /// Present for durable, non-exclusive queues.
+    pub journal: Option<Journal>,
     state: Mutex<QueueState>,
     deleted: AtomicBool,
 }
@@ -123,12 +178,21 @@ impl QueueState {
 
     /// Hands `message` to consumer `idx`; false if the channel closed meanwhile
     /// (then the message is back at the head of the queue).
-    fn hand_over(&mut self, queue: &Arc<Queue>, idx: usize, message: QueuedMessage) -> bool {
+    fn hand_over(&mut self, queue: &Arc<Queue>, idx: usize, mut message: QueuedMessage) -> bool {
+        let Some(content) = message.load() else {
+            tracing::error!(queue = %queue.name, "a stored message could not be read back; dropped");
+            return true;
+        };
         let consumer = &mut self.consumers[idx];
+        let (seq, on_disk) = (message.seq, message.stored.is_some());
+        if let (Some(journal), false) = (&queue.journal, consumer.no_ack) {
+            journal.delivered(&message);
+        }
         let delivery = Delivery {
             consumer_tag: &consumer.tag,
             consumer_id: consumer.id,
             no_ack: consumer.no_ack,
+            content,
             message,
         };
         match consumer.sink.deliver(queue, delivery) {
@@ -136,6 +200,9 @@ impl QueueState {
                 if !consumer.no_ack {
                     consumer.in_flight += 1;
                     self.unacked += 1;
+                } else if let (Some(journal), true) = (&queue.journal, on_disk) {
+                    // A no-ack delivery is done the moment it is handed over.
+                    journal.store.index_remove(journal.queue_id, seq);
                 }
                 self.cursor = (idx + 1) % self.consumers.len();
                 true
@@ -177,39 +244,84 @@ pub struct QueueCounts {
 }
 
 impl Queue {
-    pub fn new(name: String, vhost: String, options: QueueOptions, owner: Option<u64>) -> Self {
+    pub fn new(
+        name: String,
+        vhost: String,
+        options: QueueOptions,
+        owner: Option<u64>,
+        journal: Option<Journal>,
+    ) -> Self {
         Queue {
             name,
             vhost,
             options,
             owner,
+            journal,
             state: Mutex::new(QueueState::default()),
             deleted: AtomicBool::new(false),
         }
+    }
+
+    /// A durable queue as a restart finds it: everything ready, in order,
+    /// bodies left on disk until delivery.
+    pub fn recovered(
+        name: String,
+        vhost: String,
+        options: QueueOptions,
+        journal: Journal,
+        entries: Vec<RecoveredMessage>,
+    ) -> Self {
+        let queue = Queue::new(name, vhost, options, None, Some(journal));
+        {
+            let mut st = queue.state.lock();
+            st.next_seq = entries.last().map_or(0, |e| e.position + 1);
+            st.ready = entries
+                .into_iter()
+                .map(|e| QueuedMessage {
+                    seq: e.position,
+                    redelivered: e.delivered,
+                    message: None,
+                    stored: Some(e.stored),
+                })
+                .collect();
+        }
+        queue
     }
 
     pub fn is_deleted(&self) -> bool {
         self.deleted.load(Ordering::Acquire)
     }
 
+    /// Whether persistent messages routed here must be written to disk.
+    pub fn is_durable_store(&self) -> bool {
+        self.journal.is_some()
+    }
+
     /// Enqueues a routed message, handing it straight to a consumer when one has credit.
-    pub fn publish(self: &Arc<Self>, message: Arc<Message>) {
+    pub fn publish(self: &Arc<Self>, message: Arc<Message>, stored: Option<Arc<StoredMessage>>) {
         let mut st = self.state.lock();
         if self.is_deleted() {
             return;
         }
         let seq = st.next_seq;
         st.next_seq += 1;
-        let queued = QueuedMessage {
+        let mut queued = QueuedMessage {
             seq,
-            message,
             redelivered: false,
+            message: Some(message),
+            stored: stored.filter(|_| self.journal.is_some()),
         };
+        if let Some(journal) = &self.journal {
+            journal.added(&queued);
+        }
         if st.ready.is_empty() {
             if let Some(idx) = st.pick_consumer() {
                 st.hand_over(self, idx, queued);
                 return;
             }
+        }
+        if queued.stored.is_some() && st.ready.len() >= IN_MEMORY_READY {
+            queued.message = None;
         }
         st.ready.push_back(queued);
     }
@@ -256,21 +368,38 @@ impl Queue {
         self.options.auto_delete && st.had_consumer && st.consumers.is_empty()
     }
 
-    /// basic.get: the head message and how many remain.
-    pub fn get(&self, no_ack: bool) -> Option<(QueuedMessage, u32)> {
+    /// basic.get: the head message, loaded, and how many remain.
+    pub fn get(&self, no_ack: bool) -> Option<(QueuedMessage, Arc<Message>, u32)> {
         let mut st = self.state.lock();
-        let message = st.ready.pop_front()?;
-        if !no_ack {
-            st.unacked += 1;
+        loop {
+            let mut message = st.ready.pop_front()?;
+            let Some(content) = message.load() else {
+                tracing::error!(queue = %self.name, "a stored message could not be read back; dropped");
+                continue;
+            };
+            if let Some(journal) = &self.journal {
+                if no_ack {
+                    journal.removed(&message);
+                } else {
+                    journal.delivered(&message);
+                }
+            }
+            if !no_ack {
+                st.unacked += 1;
+            }
+            return Some((message, content, st.ready.len() as u32));
         }
-        Some((message, st.ready.len() as u32))
     }
 
-    /// Acknowledged (or discarded) deliveries: frees the consumers' credit.
-    pub fn settle(self: &Arc<Self>, consumers: impl IntoIterator<Item = Option<u64>>) {
+    /// Acknowledged (or discarded) deliveries: forgets them and frees the
+    /// consumers' credit.
+    pub fn settle(self: &Arc<Self>, items: impl IntoIterator<Item = (Option<u64>, QueuedMessage)>) {
         let mut st = self.state.lock();
-        for consumer in consumers {
+        for (consumer, message) in items {
             st.settle_one(consumer);
+            if let Some(journal) = &self.journal {
+                journal.removed(&message);
+            }
         }
         st.dispatch(self);
     }
@@ -325,6 +454,9 @@ impl Queue {
     pub fn purge(&self) -> u32 {
         let mut st = self.state.lock();
         let n = st.ready.len() as u32;
+        if let Some(journal) = &self.journal {
+            st.ready.iter().for_each(|m| journal.removed(m));
+        }
         st.ready.clear();
         n
     }

@@ -9,8 +9,11 @@ use parking_lot::RwLock;
 
 use super::args;
 use super::exchange::{Destination, Exchange, ExchangeKind, ExchangeOptions};
-use super::queue::{Queue, QueueCounts, QueueOptions};
+use super::queue::{Journal, Queue, QueueCounts, QueueOptions};
 use crate::error::{code, AmqpError, AmqpResult};
+use crate::store::{
+    binding_record, BindingRecord, ExchangeRecord, QueueRecord, RecoveredMessage, Store,
+};
 
 /// Exchanges every vhost has, which clients may use but not delete or redefine.
 const PREDECLARED: &[(&str, ExchangeKind)] = &[
@@ -37,10 +40,20 @@ const COMPARED_QUEUE_ARGS: &[&str] = &[
     "x-single-active-consumer",
 ];
 
+/// What a restart found on disk for one vhost.
+#[derive(Default)]
+pub struct RecoveredVHost {
+    pub exchanges: Vec<ExchangeRecord>,
+    pub queues: Vec<(QueueRecord, Vec<RecoveredMessage>)>,
+    pub bindings: Vec<BindingRecord>,
+}
+
 pub struct VHost {
     pub name: String,
     exchanges: RwLock<HashMap<String, Arc<Exchange>>>,
     queues: RwLock<HashMap<String, Arc<Queue>>>,
+    /// Where durable definitions and messages go; `None` keeps everything in memory.
+    store: Option<Arc<Store>>,
 }
 
 /// A queue.declare request.
@@ -72,11 +85,12 @@ fn yes_no(b: bool) -> &'static str {
 }
 
 impl VHost {
-    pub fn new(name: &str) -> Self {
+    pub fn new(name: &str, store: Option<Arc<Store>>) -> Self {
         let vhost = VHost {
             name: name.to_owned(),
             exchanges: RwLock::new(HashMap::new()),
             queues: RwLock::new(HashMap::new()),
+            store,
         };
         for (ex_name, kind) in PREDECLARED {
             let options = ExchangeOptions {
@@ -181,6 +195,9 @@ impl VHost {
                 req.name
             )));
         }
+        if let (Some(store), true) = (&self.store, wanted.durable) {
+            store.save_exchange(&self.name, req.name, &wanted);
+        }
         exchanges.insert(
             req.name.to_owned(),
             Arc::new(Exchange::new(req.name.to_owned(), wanted)),
@@ -246,6 +263,19 @@ impl VHost {
             exchange.mark_deleted();
             exchange
         };
+        if exchange.options.durable {
+            if let Some(store) = &self.store {
+                store.delete_exchange(&self.name, name);
+                for (destination, key, arguments) in exchange.bindings() {
+                    store.delete_binding(&self.binding_record(
+                        &exchange,
+                        &destination,
+                        &key,
+                        &arguments,
+                    ));
+                }
+            }
+        }
         self.forget_destination(&Destination::Exchange(exchange));
         Ok(())
     }
@@ -255,6 +285,14 @@ impl VHost {
     fn forget_destination(&self, destination: &Destination) {
         let exchanges: Vec<Arc<Exchange>> = self.exchanges.read().values().cloned().collect();
         for exchange in exchanges {
+            if let (Some(store), true) = (&self.store, destination.is_durable()) {
+                for (to, key, arguments) in exchange.bindings() {
+                    if to.same_as(destination) {
+                        store
+                            .delete_binding(&self.binding_record(&exchange, &to, &key, &arguments));
+                    }
+                }
+            }
             if exchange.unbind(destination, None, None) {
                 self.maybe_auto_delete(&exchange);
             }
@@ -298,11 +336,24 @@ impl VHost {
             return Ok((existing, counts));
         }
         let owner = req.options.exclusive.then_some(req.connection);
+        // Exclusive queues die with their connection, so they never touch disk.
+        let journal = match (&self.store, req.options.durable && !req.options.exclusive) {
+            (Some(store), true) => {
+                let queue_id = store.new_queue_id();
+                store.save_queue(&self.name, &name, queue_id, &req.options);
+                Some(Journal {
+                    store: store.clone(),
+                    queue_id,
+                })
+            }
+            _ => None,
+        };
         let queue = Arc::new(Queue::new(
             name.clone(),
             self.name.clone(),
             req.options,
             owner,
+            journal,
         ));
         queues.insert(name, queue.clone());
         drop(queues);
@@ -395,6 +446,11 @@ impl VHost {
             }
         }
         let count = queue.delete();
+        if let Some(journal) = &queue.journal {
+            journal
+                .store
+                .delete_queue(&self.name, &queue.name, journal.queue_id);
+        }
         self.forget_destination(&Destination::Queue(queue.clone()));
         count
     }
@@ -419,7 +475,7 @@ impl VHost {
     ) -> AmqpResult<()> {
         let queue = self.queue(queue, connection)?;
         let exchange = self.bindable_exchange(exchange)?;
-        exchange.bind(Destination::Queue(queue), key, arguments)
+        self.bind(&exchange, Destination::Queue(queue), key, arguments)
     }
 
     pub fn unbind_queue(
@@ -435,9 +491,7 @@ impl VHost {
         let Some(exchange) = self.exchanges.read().get(exchange).cloned() else {
             return Ok(());
         };
-        if exchange.unbind(&Destination::Queue(queue), Some(key), Some(arguments)) {
-            self.maybe_auto_delete(&exchange);
-        }
+        self.unbind(&exchange, &Destination::Queue(queue), key, arguments);
         Ok(())
     }
 
@@ -450,7 +504,7 @@ impl VHost {
     ) -> AmqpResult<()> {
         let destination = self.bindable_exchange(destination)?;
         let source = self.bindable_exchange(source)?;
-        source.bind(Destination::Exchange(destination), key, arguments)
+        self.bind(&source, Destination::Exchange(destination), key, arguments)
     }
 
     pub fn unbind_exchange(
@@ -462,14 +516,125 @@ impl VHost {
     ) -> AmqpResult<()> {
         let destination = self.bindable_exchange(destination)?;
         let source = self.bindable_exchange(source)?;
-        if source.unbind(
-            &Destination::Exchange(destination),
-            Some(key),
-            Some(arguments),
-        ) {
-            self.maybe_auto_delete(&source);
+        self.unbind(&source, &Destination::Exchange(destination), key, arguments);
+        Ok(())
+    }
+
+    /// Binds, recording the binding when both ends survive restarts.
+    fn bind(
+        &self,
+        source: &Arc<Exchange>,
+        destination: Destination,
+        key: &str,
+        arguments: &FieldTable,
+    ) -> AmqpResult<()> {
+        let record = self.durable_binding(source, &destination, key, arguments);
+        source.bind(destination, key, arguments)?;
+        if let (Some(store), Some(record)) = (&self.store, record) {
+            store.save_binding(&record);
         }
         Ok(())
+    }
+
+    fn unbind(
+        &self,
+        source: &Arc<Exchange>,
+        destination: &Destination,
+        key: &str,
+        arguments: &FieldTable,
+    ) {
+        if source.unbind(destination, Some(key), Some(arguments)) {
+            if let (Some(store), Some(record)) = (
+                &self.store,
+                self.durable_binding(source, destination, key, arguments),
+            ) {
+                store.delete_binding(&record);
+            }
+            self.maybe_auto_delete(source);
+        }
+    }
+
+    fn durable_binding(
+        &self,
+        source: &Exchange,
+        destination: &Destination,
+        key: &str,
+        arguments: &FieldTable,
+    ) -> Option<BindingRecord> {
+        (source.options.durable && destination.is_durable())
+            .then(|| self.binding_record(source, destination, key, arguments))
+    }
+
+    fn binding_record(
+        &self,
+        source: &Exchange,
+        destination: &Destination,
+        key: &str,
+        arguments: &FieldTable,
+    ) -> BindingRecord {
+        binding_record(
+            &self.name,
+            &source.name,
+            matches!(destination, Destination::Queue(_)),
+            destination.name(),
+            key,
+            arguments,
+        )
+    }
+
+    /// Rebuilds what a restart found on disk for this vhost: exchanges, then
+    /// queues with their messages, then the bindings between them.
+    pub fn restore(&self, recovered: RecoveredVHost) {
+        let store = self.store.clone().expect("restore needs a store");
+        for record in recovered.exchanges {
+            match record.options() {
+                Some(options) if !self.exchanges.read().contains_key(&record.name) => {
+                    let exchange = Arc::new(Exchange::new(record.name.clone(), options));
+                    self.exchanges.write().insert(record.name, exchange);
+                }
+                _ => {}
+            }
+        }
+        for (record, entries) in recovered.queues {
+            let journal = Journal {
+                store: store.clone(),
+                queue_id: record.id,
+            };
+            let queue = Queue::recovered(
+                record.name.clone(),
+                self.name.clone(),
+                record.options(),
+                journal,
+                entries,
+            );
+            self.queues.write().insert(record.name, Arc::new(queue));
+        }
+        for b in recovered.bindings {
+            let source = self.exchanges.read().get(&b.source).cloned();
+            let destination = if b.destination_is_queue {
+                self.queues
+                    .read()
+                    .get(&b.destination)
+                    .cloned()
+                    .map(Destination::Queue)
+            } else {
+                self.exchanges
+                    .read()
+                    .get(&b.destination)
+                    .cloned()
+                    .map(Destination::Exchange)
+            };
+            match (source, destination) {
+                (Some(source), Some(destination)) => {
+                    if let Err(error) = source.bind(destination, &b.routing_key, &b.arguments) {
+                        tracing::warn!(%error, source = %b.source, "stored binding could not be restored");
+                    }
+                }
+                _ => {
+                    tracing::warn!(source = %b.source, destination = %b.destination, "stored binding refers to a missing object")
+                }
+            }
+        }
     }
 
     /// The default exchange takes no explicit bindings (403, as in RabbitMQ).

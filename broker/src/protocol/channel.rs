@@ -20,6 +20,7 @@ use crate::model::message::Message;
 use crate::model::queue::{Consumer, Queue, QueueOptions};
 use crate::model::vhost::{generated_name, ExchangeDeclare, QueueDeclare, VHost};
 use crate::model::Broker;
+use crate::store::Store;
 
 /// What a channel needs from its connection to handle a method.
 pub struct Context<'a> {
@@ -79,12 +80,16 @@ impl Body {
     }
 }
 
-/// Publisher confirms: every publish succeeds once routed (nothing is stored yet),
-/// so the channel only tracks how far it has confirmed and acks in batches.
+/// Publisher confirms, counted here and reported once per read batch; the
+/// channel's shared part sends the (cumulative) acks, after a disk flush when
+/// a persistent message reached a durable queue.
 #[derive(Default)]
 struct Confirms {
     published: u64,
-    confirmed: u64,
+    /// Highest publish handed to `confirm_upto` so far.
+    reported: u64,
+    /// Some publish since the last report went to disk and must wait for a flush.
+    needs_disk: bool,
 }
 
 /// tx.select: publishes and settlements wait for tx.commit.
@@ -161,24 +166,20 @@ impl Channel {
     pub fn has_unsent_confirms(&self) -> bool {
         self.confirms
             .as_ref()
-            .is_some_and(|c| c.confirmed < c.published)
+            .is_some_and(|c| c.reported < c.published)
     }
 
     /// Acks everything published since the last flush in one basic.ack.
-    pub fn flush_confirms(&mut self) {
+    pub fn flush_confirms(&mut self, store: Option<&Arc<Store>>) {
         let Some(c) = self.confirms.as_mut() else {
             return;
         };
-        if c.confirmed == c.published {
+        if c.reported == c.published {
             return;
         }
-        let multiple = c.published - c.confirmed > 1;
-        let tag = c.published;
-        c.confirmed = c.published;
-        self.reply(AMQPClass::Basic(basic::AMQPMethod::Ack(basic::Ack {
-            delivery_tag: tag,
-            multiple,
-        })));
+        c.reported = c.published;
+        let needs_disk = std::mem::take(&mut c.needs_disk);
+        self.shared.confirm_upto(c.published, needs_disk, store);
     }
 
     // ---- content frames ----------------------------------------------------
@@ -275,9 +276,10 @@ impl Channel {
             tx.publishes.push((publish, message));
             return Ok(());
         }
-        self.route(ctx, exchange.as_ref(), &publish, message);
+        let stored = self.route(ctx, exchange.as_ref(), &publish, message);
         if let Some(c) = self.confirms.as_mut() {
             c.published += 1;
+            c.needs_disk |= stored;
         }
         Ok(())
     }
@@ -314,7 +316,7 @@ impl Channel {
         exchange: Option<&Arc<Exchange>>,
         publish: &basic::Publish,
         message: Arc<Message>,
-    ) {
+    ) -> bool {
         let mut route = Route::default();
         match exchange {
             Some(e) => e.route(publish.routing_key.as_str(), message.headers(), &mut route),
@@ -337,18 +339,21 @@ impl Channel {
                     &message.body,
                 );
             }
-            return;
+            return false;
         }
-        let last = route.queues.len() - 1;
-        let mut message = Some(message);
-        for (i, queue) in route.queues.iter().enumerate() {
-            let m = if i == last {
-                message.take().expect("moved once")
-            } else {
-                message.clone().expect("still here")
-            };
-            queue.publish(m);
+        // Written to disk once, however many durable queues it reaches.
+        let stored = match ctx.broker.store() {
+            Some(store)
+                if message.is_persistent() && route.queues.iter().any(|q| q.is_durable_store()) =>
+            {
+                Some(store.persist_message(&message))
+            }
+            _ => None,
+        };
+        for queue in &route.queues {
+            queue.publish(message.clone(), stored.clone());
         }
+        stored.is_some()
     }
 
     // ---- methods -------------------------------------------------------------
@@ -630,9 +635,9 @@ impl Channel {
         let name = self.queue_name(&g.queue)?;
         let queue = ctx.vhost.queue(&name, ctx.connection_id)?;
         match queue.get(g.no_ack) {
-            Some((message, remaining)) => self
+            Some((message, content, remaining)) => self
                 .shared
-                .send_get_ok(&queue, message, remaining, g.no_ack),
+                .send_get_ok(&queue, message, content, remaining, g.no_ack),
             None => self.reply(AMQPClass::Basic(basic::AMQPMethod::GetEmpty(
                 basic::GetEmpty {},
             ))),
@@ -710,14 +715,19 @@ impl Channel {
                     .tx
                     .take()
                     .ok_or_else(|| AmqpError::precondition("channel is not transactional"))?;
+                let mut stored = false;
                 for (publish, message) in tx.publishes {
                     let exchange = self.resolve_exchange(ctx, publish.exchange.as_str())?;
-                    self.route(ctx, exchange.as_ref(), &publish, message);
+                    stored |= self.route(ctx, exchange.as_ref(), &publish, message);
                 }
                 for (taken, how) in tx.settlements {
                     settle_now(taken, how);
                 }
                 self.after_settle();
+                // commit-ok promises the publishes are as safe as a confirm would.
+                if let (true, Some(store)) = (stored, ctx.broker.store()) {
+                    store.flush_blocking();
+                }
                 self.tx = Some(Transaction::default());
                 self.reply(AMQPClass::Tx(T::CommitOk(tx::CommitOk {})));
             }
@@ -789,7 +799,9 @@ fn settle_now(taken: Vec<Unacked>, how: Settle) {
     }
     for (queue, list) in groups {
         match how {
-            Settle::Ack | Settle::Discard => queue.settle(list.iter().map(|u| u.consumer)),
+            Settle::Ack | Settle::Discard => {
+                queue.settle(list.into_iter().map(|u| (u.consumer, u.message)))
+            }
             Settle::Requeue => {
                 queue.requeue(list.into_iter().map(|u| (u.consumer, u.message)).collect())
             }

@@ -11,6 +11,7 @@ use amq_protocol::protocol::{channel, connection, AMQPClass};
 use tokio::io::AsyncReadExt;
 use tokio::net::tcp::OwnedReadHalf;
 use tokio::net::TcpStream;
+use tokio::sync::watch;
 
 use super::channel::{no_content_expected, Channel, Context};
 use super::frames::{FrameReader, Inbound};
@@ -24,7 +25,13 @@ use crate::model::Broker;
 const CLOSE_OK_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Serves one accepted socket until it closes.
-pub async fn serve(stream: TcpStream, peer: SocketAddr, broker: Arc<Broker>, config: Arc<Config>) {
+pub async fn serve(
+    stream: TcpStream,
+    peer: SocketAddr,
+    broker: Arc<Broker>,
+    config: Arc<Config>,
+    shutdown: watch::Receiver<bool>,
+) {
     let _ = stream.set_nodelay(true);
     let (mut socket, write_half) = stream.into_split();
     let outbox = Outbox::new(config.frame_max);
@@ -43,7 +50,7 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, broker: Arc<Broker>, con
                 channels: HashMap::new(),
                 confirm_pending: Vec::new(),
             };
-            conn.run(&mut socket, &mut reader).await;
+            conn.run(&mut socket, &mut reader, shutdown).await;
             conn.release_everything();
         }
         Err(Refused::Close(error)) => {
@@ -77,7 +84,12 @@ enum Flow {
 }
 
 impl Connection {
-    async fn run(&mut self, socket: &mut OwnedReadHalf, reader: &mut FrameReader) {
+    async fn run(
+        &mut self,
+        socket: &mut OwnedReadHalf,
+        reader: &mut FrameReader,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
         // A peer silent for two heartbeat intervals is gone (RabbitMQ's rule).
         let silence_limit = (!self.session.heartbeat.is_zero()).then(|| self.session.heartbeat * 2);
         loop {
@@ -105,6 +117,13 @@ impl Connection {
                 _ = self.outbox.drained() => {
                     self.poke_all_consumers();
                     continue;
+                }
+                _ = shutdown.changed() => {
+                    let error = AmqpError::connection(
+                        code::CONNECTION_FORCED,
+                        "broker forced connection closure with reason 'shutdown'",
+                    );
+                    return self.close_with(error, socket, reader).await;
                 }
             };
             match outcome {
@@ -239,7 +258,7 @@ impl Connection {
             Inbound::Method(_, method) => match *method {
                 AMQPClass::Channel(channel::AMQPMethod::Close(_)) => {
                     ch.check_not_in_content()?;
-                    ch.flush_confirms();
+                    ch.flush_confirms(self.broker.store());
                     ch.shutdown(&self.session.vhost);
                     self.channels.remove(&id);
                     self.send_channel_close_ok(id);
@@ -285,7 +304,7 @@ impl Connection {
         let Some(ch) = self.channels.get_mut(&id) else {
             return;
         };
-        ch.flush_confirms();
+        ch.flush_confirms(self.broker.store());
         self.outbox.send_method(
             id,
             AMQPClass::Channel(channel::AMQPMethod::Close(channel::Close {
@@ -302,7 +321,7 @@ impl Connection {
     fn flush_confirms(&mut self) {
         for id in self.confirm_pending.drain(..) {
             if let Some(ch) = self.channels.get_mut(&id) {
-                ch.flush_confirms();
+                ch.flush_confirms(self.broker.store());
             }
         }
     }

@@ -12,7 +12,9 @@ use parking_lot::Mutex;
 
 use super::outbox::Outbox;
 use crate::error::{AmqpError, AmqpResult};
+use crate::model::message::Message;
 use crate::model::queue::{Delivery, DeliverySink, Queue, QueuedMessage};
+use crate::store::{FlushWaiter, Store};
 
 /// A delivery awaiting basic.ack / nack / reject.
 pub struct Unacked {
@@ -47,6 +49,16 @@ pub struct ChannelShared {
     channel_in_flight: AtomicU32,
     /// The client asked to hear about server-side cancels (consumer_cancel_notify).
     cancel_notify: bool,
+    /// Publisher confirms sent so far; shared with the store's flusher thread.
+    confirms: Mutex<ConfirmProgress>,
+}
+
+/// How far publisher confirms have gone: acks are cumulative (`multiple`), so
+/// one number says it, plus how far the store has been asked to cover.
+#[derive(Default)]
+struct ConfirmProgress {
+    acked: u64,
+    waiting_for_disk: u64,
 }
 
 impl ChannelShared {
@@ -62,6 +74,7 @@ impl ChannelShared {
             channel_prefetch: AtomicU32::new(0),
             channel_in_flight: AtomicU32::new(0),
             cancel_notify,
+            confirms: Mutex::new(ConfirmProgress::default()),
         })
     }
 
@@ -71,6 +84,42 @@ impl ChannelShared {
 
     pub fn set_channel_prefetch(&self, prefetch: u32) {
         self.channel_prefetch.store(prefetch, Ordering::Relaxed);
+    }
+
+    /// Confirms every publish up to `upto`: at once when nothing of it needs
+    /// the disk, otherwise after the store's next flush. Later publishes wait
+    /// behind earlier ones so acks stay cumulative.
+    pub fn confirm_upto(self: &Arc<Self>, upto: u64, needs_disk: bool, store: Option<&Arc<Store>>) {
+        let mut progress = self.confirms.lock();
+        if upto <= progress.acked {
+            return;
+        }
+        match store {
+            Some(store) if needs_disk || progress.waiting_for_disk > progress.acked => {
+                progress.waiting_for_disk = upto;
+                drop(progress);
+                store.after_flush(self.clone(), upto);
+            }
+            _ => self.send_confirm(&mut progress, upto, true),
+        }
+    }
+
+    fn send_confirm(&self, progress: &mut ConfirmProgress, upto: u64, ok: bool) {
+        let multiple = upto - progress.acked > 1;
+        progress.acked = upto;
+        let method = if ok {
+            basic::AMQPMethod::Ack(basic::Ack {
+                delivery_tag: upto,
+                multiple,
+            })
+        } else {
+            basic::AMQPMethod::Nack(basic::Nack {
+                delivery_tag: upto,
+                multiple,
+                requeue: false,
+            })
+        };
+        self.outbox.send_method(self.id, AMQPClass::Basic(method));
     }
 
     pub fn has_channel_prefetch(&self) -> bool {
@@ -147,13 +196,14 @@ impl ChannelShared {
         &self,
         queue: &Arc<Queue>,
         message: QueuedMessage,
+        content: Arc<Message>,
         remaining: u32,
         no_ack: bool,
     ) {
         let mut st = self.state.lock();
         let tag = st.next_tag;
         st.next_tag += 1;
-        let m = &message.message;
+        let m = &content;
         let method = AMQPClass::Basic(basic::AMQPMethod::GetOk(basic::GetOk {
             delivery_tag: tag,
             redelivered: message.redelivered,
@@ -170,6 +220,16 @@ impl ChannelShared {
                 consumer: None,
                 message,
             });
+        }
+    }
+}
+
+impl FlushWaiter for ChannelShared {
+    fn flushed(&self, token: u64, ok: bool) {
+        let mut progress = self.confirms.lock();
+        // A closed channel's number may already belong to a new channel.
+        if token > progress.acked && !self.closed.load(Ordering::Acquire) {
+            self.send_confirm(&mut progress, token, ok);
         }
     }
 }
@@ -191,7 +251,7 @@ impl DeliverySink for ChannelShared {
         }
         let tag = st.next_tag;
         st.next_tag += 1;
-        let m = &delivery.message.message;
+        let m = &delivery.content;
         let method = AMQPClass::Basic(basic::AMQPMethod::Deliver(basic::Deliver {
             consumer_tag: delivery.consumer_tag.clone(),
             delivery_tag: tag,

@@ -1,2 +1,381 @@
-//! The boundary to durable storage. The broker core keeps everything in memory;
-//! persistence in sled plugs in here without the model or protocol knowing how.
+//! Durable state in sled: the only module that touches disk.
+//!
+//! Three trees: `defs` (exchanges, queues, bindings, format version),
+//! `messages` (message id → exchange, routing key, content header, body; one
+//! copy however many queues hold it) and `index` (queue id + position →
+//! message id and a delivered flag; its key order is the queue order).
+//!
+//! Writes go into sled as they happen; durability comes from [`flusher`], which
+//! fsyncs once for everything written since the last flush (group commit) and
+//! then releases the publisher confirms that waited for it.
+
+mod codec;
+pub mod flusher;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use amq_protocol::types::FieldTable;
+use bytes::Bytes;
+
+use crate::model::exchange::ExchangeOptions;
+use crate::model::message::Message;
+use crate::model::queue::QueueOptions;
+pub use codec::{BindingRecord, ExchangeRecord, QueueRecord};
+pub use flusher::{FlushWaiter, Flusher};
+
+/// Written once into a new data dir; a data dir with another value is refused.
+const FORMAT: &[u8] = b"hare-store-1";
+const FORMAT_KEY: &[u8] = b"format";
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    #[error("data dir {0} is in use by another broker (its lock is held); stop that broker or choose another --data-dir")]
+    Locked(PathBuf),
+    #[error(
+        "data dir {dir} was written by an incompatible version ({found}); expected {expected}"
+    )]
+    Incompatible {
+        dir: PathBuf,
+        found: String,
+        expected: String,
+    },
+    #[error("data dir {dir} is corrupt or unreadable: {detail}")]
+    Corrupt { dir: PathBuf, detail: String },
+    #[error("storage error: {0}")]
+    Io(String),
+}
+
+pub struct Store {
+    db: sled::Db,
+    defs: sled::Tree,
+    messages: sled::Tree,
+    index: sled::Tree,
+    flusher: Flusher,
+    next_message_id: AtomicU64,
+    next_queue_id: AtomicU64,
+    /// Set at shutdown so dropping in-memory queues does not delete what they hold.
+    closing: AtomicBool,
+}
+
+/// What a restart finds on disk.
+#[derive(Default)]
+pub struct Recovered {
+    pub exchanges: Vec<ExchangeRecord>,
+    pub queues: Vec<(QueueRecord, Vec<RecoveredMessage>)>,
+    pub bindings: Vec<BindingRecord>,
+}
+
+/// One entry of a recovered queue, in queue order.
+pub struct RecoveredMessage {
+    pub position: u64,
+    pub delivered: bool,
+    pub stored: Arc<StoredMessage>,
+}
+
+/// A persistent message's copy on disk. Queues share it; when the last holder
+/// drops it (every queue acked or discarded it) its bytes are deleted.
+pub struct StoredMessage {
+    pub id: u64,
+    pub body_size: u64,
+    store: Arc<Store>,
+}
+
+impl Drop for StoredMessage {
+    fn drop(&mut self) {
+        if !self.store.closing.load(Ordering::Acquire) {
+            let _ = self.store.messages.remove(self.id.to_be_bytes());
+        }
+    }
+}
+
+impl StoredMessage {
+    /// Reads the message back (bodies of paged-out messages live only here).
+    pub fn load(&self) -> Option<Message> {
+        let bytes = self.store.messages.get(self.id.to_be_bytes()).ok()??;
+        codec::decode_message(Bytes::from(bytes.to_vec()))
+    }
+}
+
+fn sled_error(dir: &Path, error: sled::Error) -> StoreError {
+    match error {
+        sled::Error::Io(e) if e.to_string().contains("could not acquire lock") => {
+            StoreError::Locked(dir.to_owned())
+        }
+        sled::Error::Corruption { .. } => StoreError::Corrupt {
+            dir: dir.to_owned(),
+            detail: error.to_string(),
+        },
+        other => StoreError::Corrupt {
+            dir: dir.to_owned(),
+            detail: other.to_string(),
+        },
+    }
+}
+
+fn queue_key(vhost: &str, name: &str) -> Vec<u8> {
+    [b"q\0", vhost.as_bytes(), b"\0", name.as_bytes()].concat()
+}
+
+fn exchange_key(vhost: &str, name: &str) -> Vec<u8> {
+    [b"e\0", vhost.as_bytes(), b"\0", name.as_bytes()].concat()
+}
+
+fn index_key(queue_id: u64, position: u64) -> [u8; 16] {
+    let mut key = [0u8; 16];
+    key[..8].copy_from_slice(&queue_id.to_be_bytes());
+    key[8..].copy_from_slice(&position.to_be_bytes());
+    key
+}
+
+fn index_value(message_id: u64, delivered: bool) -> [u8; 9] {
+    let mut value = [0u8; 9];
+    value[..8].copy_from_slice(&message_id.to_be_bytes());
+    value[8] = delivered as u8;
+    value
+}
+
+impl Store {
+    /// Opens (or creates) the data dir, refusing one that is locked, from an
+    /// incompatible version, or corrupt.
+    pub fn open(dir: &Path, cache_bytes: u64) -> Result<Arc<Store>, StoreError> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| StoreError::Io(format!("{}: {e}", dir.display())))?;
+        let db = std::panic::catch_unwind(|| {
+            sled::Config::new()
+                .path(dir.join("sled"))
+                .cache_capacity(cache_bytes)
+                .flush_every_ms(None)
+                .mode(sled::Mode::HighThroughput)
+                .open()
+        })
+        .map_err(|_| StoreError::Corrupt {
+            dir: dir.to_owned(),
+            detail: "the storage engine could not read its files".into(),
+        })?
+        .map_err(|e| sled_error(dir, e))?;
+        let open_tree = |name: &str| db.open_tree(name).map_err(|e| sled_error(dir, e));
+        let defs = open_tree("defs")?;
+        let messages = open_tree("messages")?;
+        let index = open_tree("index")?;
+        match defs.get(FORMAT_KEY).map_err(|e| sled_error(dir, e))? {
+            Some(found) if found.as_ref() != FORMAT => {
+                return Err(StoreError::Incompatible {
+                    dir: dir.to_owned(),
+                    found: String::from_utf8_lossy(&found).into_owned(),
+                    expected: String::from_utf8_lossy(FORMAT).into_owned(),
+                })
+            }
+            Some(_) => {}
+            None if !defs.is_empty() || !messages.is_empty() || !index.is_empty() => {
+                return Err(StoreError::Incompatible {
+                    dir: dir.to_owned(),
+                    found: "no format marker".into(),
+                    expected: String::from_utf8_lossy(FORMAT).into_owned(),
+                })
+            }
+            None => {
+                defs.insert(FORMAT_KEY, FORMAT)
+                    .map_err(|e| sled_error(dir, e))?;
+                db.flush().map_err(|e| sled_error(dir, e))?;
+            }
+        }
+        let next_message_id = match messages.last().map_err(|e| sled_error(dir, e))? {
+            Some((key, _)) => u64_from(&key) + 1,
+            None => 1,
+        };
+        let flusher = Flusher::start(db.clone());
+        Ok(Arc::new(Store {
+            db,
+            defs,
+            messages,
+            index,
+            flusher,
+            next_message_id: AtomicU64::new(next_message_id),
+            next_queue_id: AtomicU64::new(1),
+            closing: AtomicBool::new(false),
+        }))
+    }
+
+    /// Reads every definition and every queue's messages, in queue order.
+    pub fn recover(self: &Arc<Self>) -> Result<Recovered, StoreError> {
+        let corrupt = |detail: String| StoreError::Corrupt {
+            dir: PathBuf::from("(data dir)"),
+            detail,
+        };
+        let mut recovered = Recovered::default();
+        let mut queues = Vec::new();
+        let mut max_queue_id = 0;
+        for item in self.defs.iter() {
+            let (key, value) = item.map_err(|e| corrupt(e.to_string()))?;
+            match key.first() {
+                Some(b'e') => recovered
+                    .exchanges
+                    .push(codec::decode_json(&value).map_err(corrupt)?),
+                Some(b'q') => {
+                    let record: QueueRecord = codec::decode_json(&value).map_err(corrupt)?;
+                    max_queue_id = max_queue_id.max(record.id);
+                    queues.push(record);
+                }
+                Some(b'b') => recovered
+                    .bindings
+                    .push(codec::decode_json(&value).map_err(corrupt)?),
+                _ => {}
+            }
+        }
+        self.next_queue_id
+            .store(max_queue_id + 1, Ordering::Relaxed);
+        let mut shared: HashMap<u64, Arc<StoredMessage>> = HashMap::new();
+        for record in queues {
+            let mut entries = Vec::new();
+            for item in self.index.scan_prefix(record.id.to_be_bytes()) {
+                let (key, value) = item.map_err(|e| corrupt(e.to_string()))?;
+                if key.len() != 16 || value.len() != 9 {
+                    return Err(corrupt("malformed queue index entry".into()));
+                }
+                let message_id = u64_from(&value[..8]);
+                let stored = shared
+                    .entry(message_id)
+                    .or_insert_with(|| {
+                        Arc::new(StoredMessage {
+                            id: message_id,
+                            body_size: 0,
+                            store: self.clone(),
+                        })
+                    })
+                    .clone();
+                entries.push(RecoveredMessage {
+                    position: u64_from(&key[8..]),
+                    delivered: value[8] != 0,
+                    stored,
+                });
+            }
+            recovered.queues.push((record, entries));
+        }
+        Ok(recovered)
+    }
+
+    // ---- definitions ----------------------------------------------------------
+
+    pub fn new_queue_id(&self) -> u64 {
+        self.next_queue_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub fn save_exchange(&self, vhost: &str, name: &str, options: &ExchangeOptions) {
+        let record = ExchangeRecord::new(vhost, name, options);
+        self.put_def(exchange_key(vhost, name), codec::encode_json(&record));
+    }
+
+    pub fn delete_exchange(&self, vhost: &str, name: &str) {
+        self.remove_def(exchange_key(vhost, name));
+    }
+
+    pub fn save_queue(&self, vhost: &str, name: &str, id: u64, options: &QueueOptions) {
+        let record = QueueRecord::new(vhost, name, id, options);
+        self.put_def(queue_key(vhost, name), codec::encode_json(&record));
+    }
+
+    /// Forgets a queue and its index (message bodies go with their last holder).
+    pub fn delete_queue(&self, vhost: &str, name: &str, id: u64) {
+        self.remove_def(queue_key(vhost, name));
+        for key in self.index.scan_prefix(id.to_be_bytes()).keys().flatten() {
+            let _ = self.index.remove(key);
+        }
+    }
+
+    pub fn save_binding(&self, record: &BindingRecord) {
+        self.put_def(record.key(), codec::encode_json(record));
+    }
+
+    pub fn delete_binding(&self, record: &BindingRecord) {
+        self.remove_def(record.key());
+    }
+
+    fn put_def(&self, key: Vec<u8>, value: Vec<u8>) {
+        if let Err(error) = self.defs.insert(key, value) {
+            tracing::error!(%error, "could not save a definition");
+        }
+    }
+
+    fn remove_def(&self, key: Vec<u8>) {
+        if let Err(error) = self.defs.remove(key) {
+            tracing::error!(%error, "could not delete a definition");
+        }
+    }
+
+    // ---- messages -----------------------------------------------------------------
+
+    /// Writes a persistent message once, for every durable queue it reaches.
+    pub fn persist_message(self: &Arc<Self>, message: &Message) -> Arc<StoredMessage> {
+        let id = self.next_message_id.fetch_add(1, Ordering::Relaxed);
+        if let Err(error) = self
+            .messages
+            .insert(id.to_be_bytes(), codec::encode_message(message))
+        {
+            tracing::error!(%error, "could not persist a message");
+        }
+        Arc::new(StoredMessage {
+            id,
+            body_size: message.body.len() as u64,
+            store: self.clone(),
+        })
+    }
+
+    pub fn index_add(&self, queue_id: u64, position: u64, message_id: u64, delivered: bool) {
+        let _ = self.index.insert(
+            index_key(queue_id, position),
+            &index_value(message_id, delivered),
+        );
+    }
+
+    pub fn index_remove(&self, queue_id: u64, position: u64) {
+        let _ = self.index.remove(index_key(queue_id, position));
+    }
+
+    // ---- durability ---------------------------------------------------------------
+
+    /// Calls `waiter` after the next fsync that covers everything written so far.
+    pub fn after_flush(&self, waiter: Arc<dyn FlushWaiter>, token: u64) {
+        self.flusher.wait(waiter, token);
+    }
+
+    /// Flushes now and waits (transactions commit this way).
+    pub fn flush_blocking(&self) -> bool {
+        self.db.flush().is_ok()
+    }
+
+    /// From now on dropped messages are kept on disk: the broker is stopping.
+    pub fn close(&self) {
+        self.closing.store(true, Ordering::Release);
+        self.flusher.stop();
+        let _ = self.db.flush();
+    }
+}
+
+fn u64_from(bytes: &[u8]) -> u64 {
+    let mut buf = [0u8; 8];
+    buf.copy_from_slice(&bytes[..8]);
+    u64::from_be_bytes(buf)
+}
+
+/// Durable bindings record their arguments too, so a restart rebuilds them exactly.
+pub fn binding_record(
+    vhost: &str,
+    source: &str,
+    destination_is_queue: bool,
+    destination: &str,
+    routing_key: &str,
+    arguments: &FieldTable,
+) -> BindingRecord {
+    BindingRecord {
+        vhost: vhost.to_owned(),
+        source: source.to_owned(),
+        destination_is_queue,
+        destination: destination.to_owned(),
+        routing_key: routing_key.to_owned(),
+        arguments: arguments.clone(),
+    }
+}

@@ -1,12 +1,13 @@
-//! The `hare` binary: parse flags (each also an environment variable), set up
-//! logging, and serve AMQP until interrupted.
+//! The `hare` command line: parse flags (each also an environment variable),
+//! set up logging, and serve AMQP until interrupted. The binary itself lives in
+//! the workspace root package so black-box tests can spawn it.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use crate::config::Config;
 use clap::Parser;
-use hare_broker::config::Config;
 
 /// Hare: a single-node AMQP 0-9-1 message broker.
 #[derive(Parser, Debug)]
@@ -29,7 +30,8 @@ struct Args {
     max_message_size: u64,
 }
 
-fn main() -> std::io::Result<()> {
+/// Runs the broker as the `hare` binary does, until SIGINT/SIGTERM.
+pub fn main() -> std::io::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
@@ -49,17 +51,42 @@ fn main() -> std::io::Result<()> {
         .enable_all()
         .thread_name("hare")
         .build()?;
+    let broker = match crate::model::Broker::open(&config) {
+        Ok(broker) => Arc::new(broker),
+        Err(error) => {
+            tracing::error!("{error}");
+            eprintln!("hare: {error}");
+            std::process::exit(1);
+        }
+    };
+    let store = broker.store().cloned();
+    // Kept alive past serve(): the store must be closed before queues drop.
+    let _model = broker.clone();
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(config.listen).await?;
         tracing::info!(listen = %listener.local_addr()?, data_dir = %config.data_dir.display(), "hare is accepting AMQP connections");
-        let broker = Arc::new(hare_broker::model::Broker::new(&config));
         let (stop, stopped) = tokio::sync::watch::channel(false);
         tokio::spawn(async move {
-            let _ = tokio::signal::ctrl_c().await;
-            tracing::info!("interrupted, stopping");
+            wait_for_stop_signal().await;
+            tracing::info!("stopping: closing connections");
             let _ = stop.send(true);
         });
-        hare_broker::net::serve(listener, broker, Arc::new(config), stopped).await;
-        Ok(())
-    })
+        crate::net::serve(listener, broker, Arc::new(config), stopped).await;
+        Ok::<_, std::io::Error>(())
+    })?;
+    if let Some(store) = store {
+        store.close();
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// SIGINT (Ctrl-C) or SIGTERM.
+async fn wait_for_stop_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("install the SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
 }

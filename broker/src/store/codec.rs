@@ -1,0 +1,168 @@
+//! How definitions and messages look on disk. Definitions are JSON (rare,
+//! small, readable when debugging); messages are a compact binary record that
+//! keeps the content header exactly as it arrived.
+
+use amq_protocol::frame::parsing::parse_content_header;
+use amq_protocol::types::FieldTable;
+use bytes::{Buf, Bytes};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+
+use crate::model::exchange::{ExchangeKind, ExchangeOptions};
+use crate::model::message::Message;
+use crate::model::queue::QueueOptions;
+
+#[derive(Serialize, Deserialize)]
+pub struct ExchangeRecord {
+    pub vhost: String,
+    pub name: String,
+    pub kind: String,
+    pub durable: bool,
+    pub auto_delete: bool,
+    pub internal: bool,
+    pub arguments: FieldTable,
+}
+
+impl ExchangeRecord {
+    pub fn new(vhost: &str, name: &str, o: &ExchangeOptions) -> Self {
+        ExchangeRecord {
+            vhost: vhost.to_owned(),
+            name: name.to_owned(),
+            kind: o.kind.as_str().to_owned(),
+            durable: o.durable,
+            auto_delete: o.auto_delete,
+            internal: o.internal,
+            arguments: o.arguments.clone(),
+        }
+    }
+
+    pub fn options(&self) -> Option<ExchangeOptions> {
+        Some(ExchangeOptions {
+            kind: ExchangeKind::parse(&self.kind)?,
+            durable: self.durable,
+            auto_delete: self.auto_delete,
+            internal: self.internal,
+            arguments: self.arguments.clone(),
+        })
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct QueueRecord {
+    pub vhost: String,
+    pub name: String,
+    /// Stable id: the prefix of this queue's entries in the index tree.
+    pub id: u64,
+    pub auto_delete: bool,
+    pub arguments: FieldTable,
+}
+
+impl QueueRecord {
+    pub fn new(vhost: &str, name: &str, id: u64, o: &QueueOptions) -> Self {
+        QueueRecord {
+            vhost: vhost.to_owned(),
+            name: name.to_owned(),
+            id,
+            auto_delete: o.auto_delete,
+            arguments: o.arguments.clone(),
+        }
+    }
+
+    pub fn options(&self) -> QueueOptions {
+        QueueOptions {
+            durable: true,
+            exclusive: false,
+            auto_delete: self.auto_delete,
+            arguments: self.arguments.clone(),
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct BindingRecord {
+    pub vhost: String,
+    pub source: String,
+    pub destination_is_queue: bool,
+    pub destination: String,
+    pub routing_key: String,
+    pub arguments: FieldTable,
+}
+
+impl BindingRecord {
+    /// Unique per (source, destination, key, arguments), as bindings are.
+    pub fn key(&self) -> Vec<u8> {
+        let args = serde_json::to_vec(&self.arguments).unwrap_or_default();
+        [
+            b"b\0".as_slice(),
+            self.vhost.as_bytes(),
+            b"\0",
+            self.source.as_bytes(),
+            b"\0",
+            if self.destination_is_queue {
+                b"q"
+            } else {
+                b"e"
+            },
+            self.destination.as_bytes(),
+            b"\0",
+            self.routing_key.as_bytes(),
+            b"\0",
+            &args,
+        ]
+        .concat()
+    }
+}
+
+pub fn encode_json<T: Serialize>(value: &T) -> Vec<u8> {
+    serde_json::to_vec(value).expect("definitions always serialize")
+}
+
+pub fn decode_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
+    serde_json::from_slice(bytes).map_err(|e| format!("unreadable definition: {e}"))
+}
+
+/// `[exchange len u8][exchange][routing key len u8][routing key][header len u32][header][body]`
+pub fn encode_message(m: &Message) -> Vec<u8> {
+    let (ex, rk) = (
+        m.exchange.as_str().as_bytes(),
+        m.routing_key.as_str().as_bytes(),
+    );
+    let mut out = Vec::with_capacity(6 + ex.len() + rk.len() + m.raw_header.len() + m.body.len());
+    out.push(ex.len() as u8);
+    out.extend_from_slice(ex);
+    out.push(rk.len() as u8);
+    out.extend_from_slice(rk);
+    out.extend_from_slice(&(m.raw_header.len() as u32).to_be_bytes());
+    out.extend_from_slice(&m.raw_header);
+    out.extend_from_slice(&m.body);
+    out
+}
+
+pub fn decode_message(mut bytes: Bytes) -> Option<Message> {
+    let short = |bytes: &mut Bytes| -> Option<String> {
+        let len = *bytes.first()? as usize;
+        if bytes.len() < 1 + len {
+            return None;
+        }
+        bytes.advance(1);
+        let s = String::from_utf8(bytes.split_to(len).to_vec()).ok()?;
+        Some(s)
+    };
+    let exchange = short(&mut bytes)?;
+    let routing_key = short(&mut bytes)?;
+    if bytes.len() < 4 {
+        return None;
+    }
+    let header_len = bytes.get_u32() as usize;
+    if bytes.len() < header_len {
+        return None;
+    }
+    let raw_header = bytes.split_to(header_len);
+    let (_, header) = parse_content_header(&raw_header[..]).ok()?;
+    Some(Message {
+        exchange: exchange.into(),
+        routing_key: routing_key.into(),
+        properties: header.properties,
+        raw_header,
+        body: bytes,
+    })
+}
