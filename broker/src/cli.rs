@@ -47,6 +47,10 @@ pub fn main() -> std::io::Result<()> {
         max_message_size: args.max_message_size,
         ..Config::default()
     };
+    if config.frame_max < 4096 {
+        eprintln!("hare: --frame-max must be at least 4096 (AMQP's minimum frame size)");
+        std::process::exit(2);
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("hare")

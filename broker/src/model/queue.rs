@@ -64,7 +64,8 @@ pub trait DeliverySink: Send + Sync {
     /// Writes the delivery; gives the message back if the channel closed meanwhile.
     fn deliver(&self, queue: &Arc<Queue>, delivery: Delivery<'_>) -> Result<(), QueuedMessage>;
     /// The queue went away under the consumer (basic.cancel from the server).
-    fn cancelled_by_server(&self, consumer_tag: &ShortString);
+    /// The id tells apart a consumer whose tag was meanwhile reused.
+    fn cancelled_by_server(&self, consumer_tag: &ShortString, consumer_id: u64);
 }
 
 /// A consumer as the queue sees it.
@@ -176,8 +177,9 @@ impl QueueState {
             .find(|&i| self.consumers[i].has_credit())
     }
 
-    /// Hands `message` to consumer `idx`; false if the channel closed meanwhile
-    /// (then the message is back at the head of the queue).
+    /// Hands `message` to consumer `idx`. If that channel refused it (closed or
+    /// at its channel-wide limit meanwhile), the message is back at the head
+    /// and the consumer no longer has credit, so dispatch moves on.
     fn hand_over(&mut self, queue: &Arc<Queue>, idx: usize, mut message: QueuedMessage) -> bool {
         let Some(content) = message.load() else {
             tracing::error!(queue = %queue.name, "a stored message could not be read back; dropped");
@@ -215,13 +217,16 @@ impl QueueState {
     }
 
     fn dispatch(&mut self, queue: &Arc<Queue>) {
-        while !self.ready.is_empty() {
+        // Bounded: each refusal puts the message back, so allow every consumer
+        // one refusal before giving up until the next event.
+        let mut refusals = 0;
+        while !self.ready.is_empty() && refusals <= self.consumers.len() {
             let Some(idx) = self.pick_consumer() else {
                 return;
             };
             let message = self.ready.pop_front().expect("checked non-empty");
             if !self.hand_over(queue, idx, message) {
-                return;
+                refusals += 1;
             }
         }
     }
@@ -316,7 +321,9 @@ impl Queue {
         }
         if st.ready.is_empty() {
             if let Some(idx) = st.pick_consumer() {
-                st.hand_over(self, idx, queued);
+                if !st.hand_over(self, idx, queued) {
+                    st.dispatch(self);
+                }
                 return;
             }
         }
@@ -324,6 +331,10 @@ impl Queue {
             queued.message = None;
         }
         st.ready.push_back(queued);
+        if st.ready.len() == 1 {
+            // Nobody took it directly; a refusal race may have left credit unused.
+            st.dispatch(self);
+        }
     }
 
     pub fn counts(&self) -> QueueCounts {
@@ -342,6 +353,12 @@ impl Queue {
         on_accept: impl FnOnce(),
     ) -> AmqpResult<()> {
         let mut st = self.state.lock();
+        if self.is_deleted() {
+            return Err(AmqpError::not_found(format!(
+                "no queue '{}' in vhost '{}'",
+                self.name, self.vhost
+            )));
+        }
         if st.consumers.iter().any(|c| c.exclusive)
             || (consumer.exclusive && !st.consumers.is_empty())
         {
@@ -471,7 +488,9 @@ impl Queue {
             (count, std::mem::take(&mut st.consumers))
         };
         for consumer in consumers {
-            consumer.sink.cancelled_by_server(&consumer.tag);
+            consumer
+                .sink
+                .cancelled_by_server(&consumer.tag, consumer.id);
         }
         count
     }

@@ -529,7 +529,15 @@ impl VHost {
         arguments: &FieldTable,
     ) -> AmqpResult<()> {
         let record = self.durable_binding(source, &destination, key, arguments);
-        source.bind(destination, key, arguments)?;
+        source.bind(destination.clone(), key, arguments)?;
+        // A queue deleted meanwhile by another connection has already had its
+        // bindings removed; this one would dangle.
+        if let Destination::Queue(queue) = &destination {
+            if queue.is_deleted() {
+                source.unbind(&destination, Some(key), Some(arguments));
+                return Err(self.no_queue(&queue.name));
+            }
+        }
         if let (Some(store), Some(record)) = (&self.store, record) {
             store.save_binding(&record);
         }

@@ -95,7 +95,9 @@ struct Confirms {
 /// tx.select: publishes and settlements wait for tx.commit.
 #[derive(Default)]
 struct Transaction {
-    publishes: Vec<(basic::Publish, Arc<Message>)>,
+    /// Each with the exchange resolved at publish time, as RabbitMQ does, so a
+    /// commit cannot fail half-way.
+    publishes: Vec<(basic::Publish, Arc<Message>, Option<Arc<Exchange>>)>,
     settlements: Vec<(Vec<Unacked>, Settle)>,
 }
 
@@ -268,12 +270,12 @@ impl Channel {
             exchange: publish.exchange.clone(),
             routing_key: publish.routing_key.clone(),
             properties: *properties,
-            raw_header,
-            body: incoming.body.freeze(),
+            raw_header: unpin(raw_header),
+            body: unpin(incoming.body.freeze()),
         });
         let exchange = self.resolve_exchange(ctx, publish.exchange.as_str())?;
         if let Some(tx) = self.tx.as_mut() {
-            tx.publishes.push((publish, message));
+            tx.publishes.push((publish, message, exchange));
             return Ok(());
         }
         let stored = self.route(ctx, exchange.as_ref(), &publish, message);
@@ -716,8 +718,7 @@ impl Channel {
                     .take()
                     .ok_or_else(|| AmqpError::precondition("channel is not transactional"))?;
                 let mut stored = false;
-                for (publish, message) in tx.publishes {
-                    let exchange = self.resolve_exchange(ctx, publish.exchange.as_str())?;
+                for (publish, message, exchange) in tx.publishes {
                     stored |= self.route(ctx, exchange.as_ref(), &publish, message);
                 }
                 for (taken, how) in tx.settlements {
@@ -726,7 +727,7 @@ impl Channel {
                 self.after_settle();
                 // commit-ok promises the publishes are as safe as a confirm would.
                 if let (true, Some(store)) = (stored, ctx.broker.store()) {
-                    store.flush_blocking();
+                    tokio::task::block_in_place(|| store.flush_blocking());
                 }
                 self.tx = Some(Transaction::default());
                 self.reply(AMQPClass::Tx(T::CommitOk(tx::CommitOk {})));
@@ -750,15 +751,45 @@ impl Channel {
     /// Ends the channel: consumers are cancelled and unacked messages go back
     /// to their queues, marked redelivered.
     pub fn shutdown(&mut self, vhost: &VHost) {
-        let (unacked, consumers) = self.shared.close();
-        for consumer in &consumers {
+        self.detach().give_back(vhost);
+    }
+
+    /// First half of [`shutdown`](Self::shutdown): stops deliveries to this
+    /// channel and collects what it held. A connection detaches all its
+    /// channels before giving anything back, so a requeued message cannot land
+    /// on a sibling channel that is about to close too.
+    pub fn detach(&mut self) -> Detached {
+        let (mut unacked, consumers) = self.shared.close();
+        if let Some(tx) = self.tx.take() {
+            unacked.extend(tx.settlements.into_iter().flat_map(|(taken, _)| taken));
+        }
+        Detached { unacked, consumers }
+    }
+}
+
+/// What a closed channel held, to be given back to the queues.
+pub struct Detached {
+    unacked: Vec<Unacked>,
+    consumers: Vec<ConsumerRef>,
+}
+
+impl Detached {
+    pub fn give_back(self, vhost: &VHost) {
+        for consumer in &self.consumers {
             release_consumer(vhost, consumer);
         }
-        let mut pending = unacked;
-        if let Some(tx) = self.tx.take() {
-            pending.extend(tx.settlements.into_iter().flat_map(|(taken, _)| taken));
-        }
-        settle_now(pending, Settle::Requeue);
+        settle_now(self.unacked, Settle::Requeue);
+    }
+}
+
+/// Small buffers are copied out of the socket read buffer they were sliced
+/// from: a queued 10-byte message must not keep a 64 KiB read buffer alive.
+/// Large bodies stay zero-copy.
+fn unpin(bytes: Bytes) -> Bytes {
+    if bytes.len() < 8 * 1024 {
+        Bytes::copy_from_slice(&bytes)
+    } else {
+        bytes
     }
 }
 

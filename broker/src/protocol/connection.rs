@@ -21,6 +21,9 @@ use crate::config::Config;
 use crate::error::{code, AmqpError, Scope};
 use crate::model::Broker;
 
+/// RabbitMQ's handshake_timeout: from TCP accept to connection.open-ok.
+const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(10);
+
 /// How long we wait for close-ok after sending connection.close.
 const CLOSE_OK_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -35,10 +38,16 @@ pub async fn serve(
     let _ = stream.set_nodelay(true);
     let (mut socket, write_half) = stream.into_split();
     let outbox = Outbox::new(config.frame_max);
-    let writer = tokio::spawn(run_writer(outbox.clone(), write_half));
+    let mut writer = tokio::spawn(run_writer(outbox.clone(), write_half));
     let mut reader = FrameReader::new(config.frame_max);
 
-    match handshake::run(&mut socket, &mut reader, &outbox, &broker, &config, peer).await {
+    // One deadline for the whole handshake, not per read: a client trickling
+    // bytes must not hold an unauthenticated connection open.
+    let handshake = handshake::run(&mut socket, &mut reader, &outbox, &broker, &config, peer);
+    let outcome = tokio::time::timeout(HANDSHAKE_DEADLINE, handshake)
+        .await
+        .unwrap_or(Err(Refused::Dropped));
+    match outcome {
         Ok(session) => {
             tracing::debug!(%peer, user = %session.user, vhost = %session.vhost.name, "connection open");
             let mut conn = Connection {
@@ -62,7 +71,13 @@ pub async fn serve(
         Err(Refused::Dropped) => {}
     }
     outbox.close_when_flushed();
-    let _ = tokio::time::timeout(Duration::from_secs(5), writer).await;
+    // A peer that stops reading must not keep the socket and its backlog alive.
+    if tokio::time::timeout(Duration::from_secs(5), &mut writer)
+        .await
+        .is_err()
+    {
+        writer.abort();
+    }
 }
 
 struct Connection {
@@ -106,6 +121,14 @@ impl Connection {
                 }
             }
             self.flush_confirms();
+            // A client that does not read our replies stops being read: TCP then
+            // pushes back on it instead of our memory growing.
+            while self.outbox.is_backed_up() {
+                tokio::select! {
+                    _ = self.outbox.drained() => self.poke_all_consumers(),
+                    _ = shutdown.changed() => return,
+                }
+            }
             let read = socket.read_buf(reader.buffer());
             let outcome = tokio::select! {
                 r = async {
@@ -350,8 +373,13 @@ impl Connection {
     /// Requeues unacked messages, cancels consumers, deletes exclusive queues.
     fn release_everything(&mut self) {
         let vhost = self.session.vhost.clone();
-        for (_, mut ch) in self.channels.drain() {
-            ch.shutdown(&vhost);
+        let detached: Vec<_> = self
+            .channels
+            .drain()
+            .map(|(_, mut ch)| ch.detach())
+            .collect();
+        for d in detached {
+            d.give_back(&vhost);
         }
         for queue in vhost.queues_owned_by(self.id) {
             vhost.remove_queue(&queue);

@@ -186,8 +186,11 @@ impl ChannelShared {
 
     /// Every outstanding delivery (basic.recover).
     pub fn take_all(&self) -> Vec<Unacked> {
-        let taken: Vec<Unacked> = self.state.lock().unacked.drain(..).collect();
-        self.channel_in_flight.store(0, Ordering::Relaxed);
+        let mut st = self.state.lock();
+        let taken: Vec<Unacked> = st.unacked.drain(..).collect();
+        // Under the lock, so a concurrent delivery's count is not wiped out.
+        let counted = taken.iter().filter(|u| u.consumer.is_some()).count() as u32;
+        self.channel_in_flight.fetch_sub(counted, Ordering::Relaxed);
         taken
     }
 
@@ -249,6 +252,12 @@ impl DeliverySink for ChannelShared {
         if self.closed.load(Ordering::Acquire) {
             return Err(delivery.message);
         }
+        // can_accept ran without this lock; two queues may both have passed it.
+        let limit = self.channel_prefetch.load(Ordering::Relaxed);
+        if !delivery.no_ack && limit != 0 && self.channel_in_flight.load(Ordering::Relaxed) >= limit
+        {
+            return Err(delivery.message);
+        }
         let tag = st.next_tag;
         st.next_tag += 1;
         let m = &delivery.content;
@@ -273,8 +282,14 @@ impl DeliverySink for ChannelShared {
         Ok(())
     }
 
-    fn cancelled_by_server(&self, consumer_tag: &ShortString) {
-        let removed = self.state.lock().consumers.remove(consumer_tag).is_some();
+    fn cancelled_by_server(&self, consumer_tag: &ShortString, consumer_id: u64) {
+        let removed = {
+            let mut st = self.state.lock();
+            match st.consumers.get(consumer_tag) {
+                Some(c) if c.id == consumer_id => st.consumers.remove(consumer_tag).is_some(),
+                _ => false,
+            }
+        };
         if removed && self.cancel_notify && !self.closed.load(Ordering::Relaxed) {
             self.outbox.send_method(
                 self.id,

@@ -7,7 +7,7 @@
 //! the publisher's frame was read into.
 
 use std::io::IoSlice;
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -109,6 +109,8 @@ pub struct Outbox {
     queued: AtomicUsize,
     frame_max: AtomicU32,
     heartbeat_ms: AtomicU64,
+    /// The socket is gone: nobody will drain, so nobody should wait for it.
+    writer_gone: AtomicBool,
 }
 
 impl Outbox {
@@ -120,6 +122,7 @@ impl Outbox {
             queued: AtomicUsize::new(0),
             frame_max: AtomicU32::new(frame_max),
             heartbeat_ms: AtomicU64::new(0),
+            writer_gone: AtomicBool::new(false),
         })
     }
 
@@ -136,6 +139,12 @@ impl Outbox {
     /// Whether consumers on this connection may be given more deliveries.
     pub fn has_room(&self) -> bool {
         self.queued.load(Ordering::Relaxed) < HIGH_WATER
+    }
+
+    /// Far enough behind that the connection should stop reading requests.
+    pub fn is_backed_up(&self) -> bool {
+        !self.writer_gone.load(Ordering::Relaxed)
+            && self.queued.load(Ordering::Relaxed) >= 2 * HIGH_WATER
     }
 
     /// Resolves when a backed-up outbox has been written out.
@@ -234,6 +243,8 @@ pub async fn run_writer(outbox: Arc<Outbox>, mut socket: OwnedWriteHalf) {
         outbox.take(&mut batch);
         if let Err(error) = write_batch(&mut socket, &batch).await {
             tracing::debug!(%error, "socket write failed");
+            outbox.writer_gone.store(true, Ordering::Relaxed);
+            outbox.drained.notify_one();
             return;
         }
         if batch.bytes >= HIGH_WATER / 2 {
