@@ -1361,6 +1361,48 @@ async fn corrupt_store_files_make_the_broker_refuse_to_start() {
     );
 }
 
+/// Garbage in the database log alone (its config and our format marker intact)
+/// reads to sled like a torn write, i.e. an empty database. The broker must
+/// notice that the data dir used to hold a store and refuse to start, rather
+/// than start empty and silently lose every message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_database_log_is_refused_not_read_as_empty() {
+    let scratch = Scratch::new("garbage-log");
+    let broker = start(&scratch.data()).await;
+    {
+        let (_conn, ch) = open(&broker).await;
+        declare_queue(&ch, "garbage.q", durable(), FieldTable::default())
+            .await
+            .expect("declare");
+        confirm_select(&ch).await;
+        publish_confirmed(&ch, "", "garbage.q", b"payload", persistent()).await;
+    }
+    stop(broker).await;
+
+    let logs: Vec<_> = files_under(&scratch.data())
+        .into_iter()
+        .filter(|f| f.file_name().is_some_and(|n| n == "db"))
+        .collect();
+    assert!(!logs.is_empty(), "no database log file found");
+    let mut rng = XorShift::from_clock();
+    for file in &logs {
+        let len = std::fs::metadata(file)
+            .map(|m| m.len())
+            .unwrap_or(0)
+            .max(4096) as usize;
+        std::fs::write(file, rng.bytes(len)).expect("overwrite the database log");
+    }
+
+    let restart_log = scratch.root.join("garbage-log-start.log");
+    let status = run_expecting_exit(&scratch.data(), &restart_log).await;
+    let log = read_lossy(&restart_log);
+    assert_refused(status, &log, "broker whose database log is garbage");
+    assert!(
+        log.to_lowercase().contains("corrupt"),
+        "the log should say the data dir is corrupt:\n{log}"
+    );
+}
+
 /// A `--data-dir` that is a file full of garbage (not a directory) cannot hold
 /// a store: the broker must exit non-zero with an error, not panic.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

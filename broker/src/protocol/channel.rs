@@ -59,7 +59,8 @@ impl Body {
         *self = match std::mem::replace(self, Body::Empty) {
             Body::Empty => Body::One(chunk),
             Body::One(first) => {
-                let mut all = BytesMut::with_capacity(expected as usize);
+                // Grown as frames arrive: the announced size is only a claim.
+                let mut all = BytesMut::with_capacity((expected as usize).min(1 << 20));
                 all.extend_from_slice(&first);
                 all.extend_from_slice(&chunk);
                 Body::Many(all)

@@ -29,6 +29,8 @@ pub use flusher::{FlushWaiter, Flusher};
 /// Written once into a new data dir; a data dir with another value is refused.
 const FORMAT: &[u8] = b"hare-store-1";
 const FORMAT_KEY: &[u8] = b"format";
+/// File in the data dir that records the format outside the database.
+const MARKER_FILE: &str = "FORMAT";
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -161,28 +163,7 @@ impl Store {
         let defs = open_tree("defs")?;
         let messages = open_tree("messages")?;
         let index = open_tree("index")?;
-        match defs.get(FORMAT_KEY).map_err(|e| sled_error(dir, e))? {
-            Some(found) if found.as_ref() != FORMAT => {
-                return Err(StoreError::Incompatible {
-                    dir: dir.to_owned(),
-                    found: String::from_utf8_lossy(&found).into_owned(),
-                    expected: String::from_utf8_lossy(FORMAT).into_owned(),
-                })
-            }
-            Some(_) => {}
-            None if !defs.is_empty() || !messages.is_empty() || !index.is_empty() => {
-                return Err(StoreError::Incompatible {
-                    dir: dir.to_owned(),
-                    found: "no format marker".into(),
-                    expected: String::from_utf8_lossy(FORMAT).into_owned(),
-                })
-            }
-            None => {
-                defs.insert(FORMAT_KEY, FORMAT)
-                    .map_err(|e| sled_error(dir, e))?;
-                db.flush().map_err(|e| sled_error(dir, e))?;
-            }
-        }
+        check_format(dir, &db, &defs, &messages, &index)?;
         let next_message_id = match messages.last().map_err(|e| sled_error(dir, e))? {
             Some((key, _)) => u64_from(&key) + 1,
             None => 1,
@@ -352,6 +333,56 @@ impl Store {
         self.closing.store(true, Ordering::Release);
         self.flusher.stop();
         let _ = self.db.flush();
+    }
+}
+
+/// The format is recorded twice: inside sled and in a marker file beside it.
+/// The file is what tells a new data dir from one whose database lost its
+/// contents (sled reads a garbage log as an empty one), so that case is an
+/// error instead of a silent fresh start.
+fn check_format(
+    dir: &Path,
+    db: &sled::Db,
+    defs: &sled::Tree,
+    messages: &sled::Tree,
+    index: &sled::Tree,
+) -> Result<(), StoreError> {
+    let marker = dir.join(MARKER_FILE);
+    let expected = String::from_utf8_lossy(FORMAT).into_owned();
+    let in_db = defs.get(FORMAT_KEY).map_err(|e| sled_error(dir, e))?;
+    match std::fs::read(&marker) {
+        Ok(found) if found.trim_ascii() != FORMAT => Err(StoreError::Incompatible {
+            dir: dir.to_owned(),
+            found: String::from_utf8_lossy(&found).trim().to_owned(),
+            expected,
+        }),
+        Ok(_) if in_db.as_deref() != Some(FORMAT) => Err(StoreError::Corrupt {
+            dir: dir.to_owned(),
+            detail: "the database files no longer hold the data this dir was created with".into(),
+        }),
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(StoreError::Io(format!("{}: {e}", marker.display())))
+        }
+        Err(_) => {
+            let only_marker = defs.len() <= usize::from(in_db.is_some());
+            if !(only_marker && messages.is_empty() && index.is_empty()) {
+                return Err(StoreError::Incompatible {
+                    dir: dir.to_owned(),
+                    found: "no format marker".into(),
+                    expected,
+                });
+            }
+            // A new data dir: the marker goes into the database first, then the file.
+            defs.insert(FORMAT_KEY, FORMAT)
+                .map_err(|e| sled_error(dir, e))?;
+            db.flush().map_err(|e| sled_error(dir, e))?;
+            let io = |e: std::io::Error| StoreError::Io(format!("{}: {e}", marker.display()));
+            let mut file = std::fs::File::create(&marker).map_err(io)?;
+            std::io::Write::write_all(&mut file, FORMAT).map_err(io)?;
+            file.sync_all().map_err(io)?;
+            Ok(())
+        }
     }
 }
 
