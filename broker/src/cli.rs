@@ -25,6 +25,10 @@ struct Args {
     /// Heartbeat interval offered in connection.tune, in seconds (0 disables).
     #[arg(long, env = "HARE_HEARTBEAT", default_value_t = 60)]
     heartbeat: u64,
+    /// Memory for the store's page cache, in MiB (queued persistent bodies
+    /// live on disk; this bounds what reading them back costs in RAM).
+    #[arg(long, env = "HARE_STORE_CACHE_MB", default_value_t = 64)]
+    store_cache_mb: u64,
     /// Largest message body accepted, in bytes.
     #[arg(long, env = "HARE_MAX_MESSAGE_SIZE", default_value_t = 134_217_728)]
     max_message_size: u64,
@@ -45,6 +49,7 @@ pub fn main() -> std::io::Result<()> {
         frame_max: args.frame_max,
         heartbeat: std::time::Duration::from_secs(args.heartbeat),
         max_message_size: args.max_message_size,
+        store_cache_bytes: args.store_cache_mb * 1024 * 1024,
         ..Config::default()
     };
     if config.frame_max < 4096 {
