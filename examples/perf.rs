@@ -5,7 +5,8 @@
 //! ```text
 //! cargo run --release --example perf -- --url amqp://guest:guest@127.0.0.1:5672/%2f \
 //!     --producers 1 --consumers 1 --size 1024 --duration 10 --prefetch 1000 [--confirm] \
-//!     [--persistent] [--durable] [--autoack] [--outstanding 1000] [--queue NAME]
+//!     [--persistent] [--durable] [--autoack] [--outstanding 1000] [--queue NAME] \
+//!     [--count N] [--keep-queue]
 //! ```
 //!
 //! # What it measures
@@ -46,6 +47,28 @@
 //!   get up to `--drain` seconds (default 2) to catch up with what was sent,
 //!   then everything is closed.
 //!
+//! # Fixed-count runs, fills and drains
+//!
+//! With `--count N` the run is sized by messages instead of time: the
+//! producers together publish exactly N messages (with `--confirm` they also
+//! wait for every confirm) and the consumers stop once they have received N,
+//! however long that takes; `--duration` and `--drain` are then ignored and
+//! the rates are taken over the whole run (`elapsed_s`). Either side may be
+//! absent: `--consumers 0` is a pure fill (publish N into the queue and
+//! leave them there), `--producers 0` a pure drain (consume N messages that
+//! are already queued). `--keep-queue` leaves the queue alone: it is not
+//! purged at the start and not deleted at the end, so a fill can be followed
+//! by a broker restart and then a drain of the same queue (the latency
+//! figures of such a drain mean nothing: the timestamps in the bodies come
+//! from another process's clock):
+//!
+//! ```text
+//! perf --queue backlog --durable --persistent --confirm --size 1024 \
+//!     --consumers 0 --count 1000000 --keep-queue      # fill
+//! perf --queue backlog --durable --producers 0 --prefetch 1000 \
+//!     --count 1000000 --keep-queue                    # drain
+//! ```
+//!
 //! # Keeping the client out of the way
 //!
 //! The broker and the tool share a small machine, so the tool has to be
@@ -71,7 +94,7 @@
 //! `{"sent":..,"received":..,"sent_per_sec":..,"received_per_sec":..,
 //! "latency_p50_ms":..,"latency_p99_ms":..,"size":..,"producers":..,
 //! "consumers":..,"confirm":..,"persistent":..,"prefetch":..,"autoack":..,
-//! "duration_s":..}` plus a few extra fields (`confirmed`, `nacked`,
+//! "duration_s":..}` plus a few extra fields (`confirmed`, `nacked`, `count`,
 //! `sent_in_window`, `received_in_window`, `latency_p999_ms`,
 //! `latency_max_ms`, `client_cpu_pct`, ...). `sent` and `received` are totals
 //! including the drain phase; the `*_per_sec` rates use only the counts taken
@@ -138,7 +161,8 @@ struct Args {
     /// Consume with no_ack=true instead of acking.
     #[arg(long)]
     autoack: bool,
-    /// Queue name (default: perf-<pid>); declared, purged at start, deleted at the end.
+    /// Queue name (default: perf-<pid>); declared, purged at start and deleted
+    /// at the end unless --keep-queue.
     #[arg(long)]
     queue: Option<String>,
     /// Declare the queue durable.
@@ -156,6 +180,13 @@ struct Args {
     /// Seconds allowed after the window for confirms and consumers to catch up.
     #[arg(long, default_value_t = 2.0)]
     drain: f64,
+    /// Publish exactly N messages in total (and, with consumers, receive N)
+    /// instead of running for --duration; --duration and --drain are ignored.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    count: Option<u64>,
+    /// Neither purge the queue at the start nor delete it at the end.
+    #[arg(long)]
+    keep_queue: bool,
 }
 
 // ---------------------------------------------------------------------------
@@ -295,9 +326,22 @@ struct ProducerSetup {
     pipeline: usize,
     outstanding: usize,
     deadline: tokio::time::Instant,
-    drain: Duration,
+    /// How long to wait for outstanding confirms once publishing has stopped
+    /// (`None`: until all have arrived).
+    drain: Option<Duration>,
+    /// With `--count`: messages still to be published by all producers
+    /// together; each producer claims one before every publish and stops
+    /// when none are left.
+    budget: Option<Arc<AtomicU64>>,
     /// Publishes written so far, read by the main task at the end of the window.
     published: Arc<AtomicU64>,
+}
+
+/// Takes one message from a shared `--count` budget; false once it is spent.
+fn claim(budget: &AtomicU64) -> bool {
+    budget
+        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+        .is_ok()
 }
 
 async fn run_producer(p: ProducerSetup) -> Result<ProducerStats, BoxError> {
@@ -313,7 +357,16 @@ async fn run_producer(p: ProducerSetup) -> Result<ProducerStats, BoxError> {
             while publishes.len() < p.pipeline
                 && (!p.confirm || publishes.len() + confirms.len() < p.outstanding)
             {
+                if let Some(budget) = &p.budget {
+                    if !claim(budget) {
+                        running = false;
+                        break;
+                    }
+                }
                 publishes.push(publish_one(&p.channel, &p.queue, &p.properties, p.size));
+            }
+            if !running {
+                continue;
             }
         } else if publishes.is_empty() {
             break;
@@ -335,8 +388,9 @@ async fn run_producer(p: ProducerSetup) -> Result<ProducerStats, BoxError> {
         }
     }
 
-    // Window over: give the broker a little time to confirm the rest.
-    let _ = tokio::time::timeout(p.drain, async {
+    // Window over: give the broker a little time to confirm the rest (with
+    // --count, all the time it needs).
+    let rest = async {
         while let Some(res) = confirms.next().await {
             match res {
                 Ok(c) if c.is_ack() => stats.confirmed += 1,
@@ -344,8 +398,13 @@ async fn run_producer(p: ProducerSetup) -> Result<ProducerStats, BoxError> {
                 Err(e) => eprintln!("perf: producer confirm error: {e}"),
             }
         }
-    })
-    .await;
+    };
+    match p.drain {
+        Some(limit) => {
+            let _ = tokio::time::timeout(limit, rest).await;
+        }
+        None => rest.await,
+    }
     Ok(stats)
 }
 
@@ -454,9 +513,11 @@ async fn main() -> Result<(), BoxError> {
             FieldTable::default(),
         )
         .await?;
-    admin_ch
-        .queue_purge(queue.clone(), QueuePurgeOptions::default())
-        .await?;
+    if !args.keep_queue {
+        admin_ch
+            .queue_purge(queue.clone(), QueuePurgeOptions::default())
+            .await?;
+    }
 
     // Consumers first, so that nothing piles up before they are attached.
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -516,7 +577,13 @@ async fn main() -> Result<(), BoxError> {
     };
 
     // The window starts now.
-    let window = Duration::from_secs_f64(args.duration);
+    // With --count there is no time limit: the producers stop when the
+    // budget is spent (a deadline a year away never fires).
+    let window = match args.count {
+        Some(_) => Duration::from_secs(365 * 24 * 3600),
+        None => Duration::from_secs_f64(args.duration),
+    };
+    let budget = args.count.map(|n| Arc::new(AtomicU64::new(n)));
     let cpu_start = process_cpu_secs();
     let start = tokio::time::Instant::now();
     let deadline = start + window;
@@ -540,36 +607,73 @@ async fn main() -> Result<(), BoxError> {
                 pipeline: args.pipeline as usize,
                 outstanding: args.outstanding.max(1),
                 deadline,
-                drain,
+                drain: args.count.is_none().then_some(drain),
+                budget: budget.clone(),
                 published,
             }))
         })
         .collect();
 
-    tokio::time::sleep_until(deadline).await;
-    let elapsed = start.elapsed().as_secs_f64();
-    let sent_in_window = sum(&published_counters);
-    let received_in_window = sum(&received_counters);
-    let cpu_window = match (cpu_start, process_cpu_secs()) {
-        (Some(a), Some(b)) => Some(b - a),
-        _ => None,
+    // Stop producers (they stop on their own at the deadline, or when the
+    // --count budget is spent and confirmed) and collect.
+    let collect_producers = async {
+        let mut stats = ProducerStats::default();
+        for p in producers {
+            match p.await {
+                Ok(Ok(s)) => {
+                    stats.published += s.published;
+                    stats.confirmed += s.confirmed;
+                    stats.nacked += s.nacked;
+                }
+                Ok(Err(e)) => eprintln!("perf: producer failed: {e}"),
+                Err(e) => eprintln!("perf: producer task failed: {e}"),
+            }
+        }
+        stats
+    };
+    let (elapsed, sent_in_window, received_in_window, cpu_window, stats) = match args.count {
+        None => {
+            tokio::time::sleep_until(deadline).await;
+            let elapsed = start.elapsed().as_secs_f64();
+            let sent_in_window = sum(&published_counters);
+            let received_in_window = sum(&received_counters);
+            let cpu_window = match (cpu_start, process_cpu_secs()) {
+                (Some(a), Some(b)) => Some(b - a),
+                _ => None,
+            };
+            let stats = collect_producers.await;
+            (
+                elapsed,
+                sent_in_window,
+                received_in_window,
+                cpu_window,
+                stats,
+            )
+        }
+        Some(n) => {
+            // The run lasts until every producer is done (all N published
+            // and confirmed) and the consumers, if any, have received N.
+            let stats = collect_producers.await;
+            while args.consumers > 0 && sum(&received_counters) < n {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            let elapsed = start.elapsed().as_secs_f64();
+            let cpu_window = match (cpu_start, process_cpu_secs()) {
+                (Some(a), Some(b)) => Some(b - a),
+                _ => None,
+            };
+            (
+                elapsed,
+                sum(&published_counters),
+                sum(&received_counters),
+                cpu_window,
+                stats,
+            )
+        }
     };
 
-    // Stop producers (they stop on their own at the deadline) and collect.
-    let mut stats = ProducerStats::default();
-    for p in producers {
-        match p.await? {
-            Ok(s) => {
-                stats.published += s.published;
-                stats.confirmed += s.confirmed;
-                stats.nacked += s.nacked;
-            }
-            Err(e) => eprintln!("perf: producer failed: {e}"),
-        }
-    }
-
     // Give consumers up to --drain to catch up with what was sent.
-    if args.consumers > 0 {
+    if args.consumers > 0 && args.count.is_none() {
         let drain_deadline = tokio::time::Instant::now() + drain;
         while sum(&received_counters) < stats.published
             && tokio::time::Instant::now() < drain_deadline
@@ -591,11 +695,13 @@ async fn main() -> Result<(), BoxError> {
     for conn in producer_conns.iter().chain(&consumer_conns) {
         let _ = conn.close(200, "OK".into()).await;
     }
-    if let Err(e) = admin_ch
-        .queue_delete(queue.clone(), QueueDeleteOptions::default())
-        .await
-    {
-        eprintln!("perf: could not delete queue {queue_name}: {e}");
+    if !args.keep_queue {
+        if let Err(e) = admin_ch
+            .queue_delete(queue.clone(), QueueDeleteOptions::default())
+            .await
+        {
+            eprintln!("perf: could not delete queue {queue_name}: {e}");
+        }
     }
     let _ = admin.close(200, "OK".into()).await;
 
@@ -620,6 +726,8 @@ async fn main() -> Result<(), BoxError> {
         "outstanding": args.outstanding,
         "pipeline": args.pipeline,
         "duration_s": args.duration,
+        "count": args.count,
+        "keep_queue": args.keep_queue,
         "elapsed_s": elapsed,
         "sent_in_window": sent_in_window,
         "received_in_window": received_in_window,
