@@ -1361,6 +1361,67 @@ async fn corrupt_store_files_make_the_broker_refuse_to_start() {
     );
 }
 
+/// Bytes under `dir`, as `du -sb` counts them.
+fn dir_size(dir: &Path) -> u64 {
+    files_under(dir)
+        .iter()
+        .filter_map(|f| std::fs::metadata(f).ok())
+        .map(|m| m.len())
+        .sum()
+}
+
+/// sled reuses but never releases the space of deleted messages, so a data dir
+/// would keep the size of its largest backlog forever. Once the backlog is
+/// gone, a restart must give the space back, and keep what is still live.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_gives_back_the_space_of_consumed_messages() {
+    let scratch = Scratch::new("reclaim");
+    let broker = start(&scratch.data()).await;
+    {
+        let (conn, ch) = open(&broker).await;
+        declare_queue(&ch, "reclaim.kept", durable(), FieldTable::default())
+            .await
+            .expect("declare kept");
+        declare_queue(&ch, "reclaim.bulk", durable(), FieldTable::default())
+            .await
+            .expect("declare bulk");
+        confirm_select(&ch).await;
+        publish_confirmed(&ch, "", "reclaim.kept", b"survivor", persistent()).await;
+        for _ in 0..40 {
+            let batch = (0..2000)
+                .map(|_| (vec![b'x'; 1024], persistent()))
+                .collect();
+            publish_all_confirmed(&ch, "", "reclaim.bulk", batch).await;
+        }
+        assert_eq!(message_count(&conn, "reclaim.bulk").await, 80_000);
+        // Deleting 80,000 stored messages takes a while in a debug build.
+        tokio::time::timeout(
+            Duration::from_secs(60),
+            ch.queue_purge("reclaim.bulk".into(), QueuePurgeOptions::default()),
+        )
+        .await
+        .expect("purge within 60 s")
+        .expect("purge");
+    }
+    stop(broker).await;
+    let before = dir_size(&scratch.data());
+    assert!(
+        before > 64 * 1024 * 1024,
+        "80,000 KiB messages left only {before} bytes"
+    );
+
+    let broker = start(&scratch.data()).await;
+    let after = dir_size(&scratch.data());
+    assert!(
+        after < before / 4,
+        "data dir still {after} bytes after restart (was {before})"
+    );
+    let (conn, ch) = open(&broker).await;
+    assert_eq!(message_count(&conn, "reclaim.bulk").await, 0);
+    assert_eq!(bodies(&drain(&ch, "reclaim.kept").await), vec!["survivor"]);
+    stop(broker).await;
+}
+
 /// Garbage in the database log alone (its config and our format marker intact)
 /// reads to sled like a torn write, i.e. an empty database. The broker must
 /// notice that the data dir used to hold a store and refuse to start, rather

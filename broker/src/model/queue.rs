@@ -472,7 +472,12 @@ impl Queue {
         let mut st = self.state.lock();
         let n = st.ready.len() as u32;
         if let Some(journal) = &self.journal {
-            st.ready.iter().for_each(|m| journal.removed(m));
+            let on_disk = st
+                .ready
+                .iter()
+                .filter(|m| m.stored.is_some())
+                .map(|m| m.seq);
+            journal.store.index_remove_all(journal.queue_id, on_disk);
         }
         st.ready.clear();
         n

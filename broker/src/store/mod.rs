@@ -10,6 +10,7 @@
 //! then releases the publisher confirms that waited for it.
 
 mod codec;
+mod compact;
 pub mod flusher;
 
 use std::collections::HashMap;
@@ -102,6 +103,15 @@ impl StoredMessage {
     }
 }
 
+fn open_sled(path: &Path, cache_bytes: u64) -> sled::Result<sled::Db> {
+    sled::Config::new()
+        .path(path)
+        .cache_capacity(cache_bytes)
+        .flush_every_ms(None)
+        .mode(sled::Mode::HighThroughput)
+        .open()
+}
+
 fn sled_error(dir: &Path, error: sled::Error) -> StoreError {
     match error {
         sled::Error::Io(e) if e.to_string().contains("could not acquire lock") => {
@@ -146,24 +156,24 @@ impl Store {
     pub fn open(dir: &Path, cache_bytes: u64) -> Result<Arc<Store>, StoreError> {
         std::fs::create_dir_all(dir)
             .map_err(|e| StoreError::Io(format!("{}: {e}", dir.display())))?;
-        let db = std::panic::catch_unwind(|| {
-            sled::Config::new()
-                .path(dir.join("sled"))
-                .cache_capacity(cache_bytes)
-                .flush_every_ms(None)
-                .mode(sled::Mode::HighThroughput)
-                .open()
-        })
-        .map_err(|_| StoreError::Corrupt {
-            dir: dir.to_owned(),
-            detail: "the storage engine could not read its files".into(),
-        })?
-        .map_err(|e| sled_error(dir, e))?;
+        compact::finish_interrupted(dir)?;
+        let db = std::panic::catch_unwind(|| open_sled(&dir.join("sled"), cache_bytes))
+            .map_err(|_| StoreError::Corrupt {
+                dir: dir.to_owned(),
+                detail: "the storage engine could not read its files".into(),
+            })?
+            .map_err(|e| sled_error(dir, e))?;
         let open_tree = |name: &str| db.open_tree(name).map_err(|e| sled_error(dir, e));
         let defs = open_tree("defs")?;
         let messages = open_tree("messages")?;
         let index = open_tree("index")?;
         check_format(dir, &db, &defs, &messages, &index)?;
+        drop((defs, messages, index));
+        let db = compact::compact_if_mostly_empty(dir, db, cache_bytes)?;
+        let open_tree = |name: &str| db.open_tree(name).map_err(|e| sled_error(dir, e));
+        let defs = open_tree("defs")?;
+        let messages = open_tree("messages")?;
+        let index = open_tree("index")?;
         let next_message_id = match messages.last().map_err(|e| sled_error(dir, e))? {
             Some((key, _)) => u64_from(&key) + 1,
             None => 1,
@@ -310,6 +320,15 @@ impl Store {
             index_key(queue_id, position),
             &index_value(message_id, delivered),
         );
+    }
+
+    /// Many removals in one sled batch (purge).
+    pub fn index_remove_all(&self, queue_id: u64, positions: impl Iterator<Item = u64>) {
+        let mut batch = sled::Batch::default();
+        for position in positions {
+            batch.remove(&index_key(queue_id, position));
+        }
+        let _ = self.index.apply_batch(batch);
     }
 
     pub fn index_remove(&self, queue_id: u64, position: u64) {
