@@ -26,8 +26,9 @@ struct Args {
     #[arg(long, env = "HARE_HEARTBEAT", default_value_t = 60)]
     heartbeat: u64,
     /// Memory for the store's page cache, in MiB (queued persistent bodies
-    /// live on disk; this bounds what reading them back costs in RAM).
-    #[arg(long, env = "HARE_STORE_CACHE_MB", default_value_t = 64)]
+    /// live on disk; this bounds what reading them back costs in RAM; sled's
+    /// real use is about 2-3x this, and a FIFO backlog gains nothing from more).
+    #[arg(long, env = "HARE_STORE_CACHE_MB", default_value_t = 8)]
     store_cache_mb: u64,
     /// Largest message body accepted, in bytes.
     #[arg(long, env = "HARE_MAX_MESSAGE_SIZE", default_value_t = 134_217_728)]

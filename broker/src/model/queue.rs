@@ -19,21 +19,20 @@ use parking_lot::Mutex;
 
 use super::message::Message;
 use crate::error::{AmqpError, AmqpResult};
-use crate::store::{RecoveredMessage, Store, StoredMessage};
+use crate::store::{RecoveredMessage, Store, StoredRef};
 
 /// Ready messages of a durable queue beyond this many wait on disk only.
 const IN_MEMORY_READY: usize = 1024;
 
 /// A message in a queue. `seq` is its position at enqueue time, so requeued
 /// messages go back where they were, as in RabbitMQ.
-#[derive(Clone)]
 pub struct QueuedMessage {
     pub seq: u64,
     pub redelivered: bool,
     /// The message itself; `None` while it is paged out to the store.
     pub message: Option<Arc<Message>>,
     /// Its copy on disk, for persistent messages in durable queues.
-    pub stored: Option<Arc<StoredMessage>>,
+    pub stored: Option<StoredRef>,
 }
 
 impl QueuedMessage {
@@ -222,12 +221,22 @@ impl QueueState {
         let mut refusals = 0;
         while !self.ready.is_empty() && refusals <= self.consumers.len() {
             let Some(idx) = self.pick_consumer() else {
-                return;
+                break;
             };
             let message = self.ready.pop_front().expect("checked non-empty");
             if !self.hand_over(queue, idx, message) {
                 refusals += 1;
             }
+        }
+        self.shrink_if_sparse();
+    }
+
+    /// Gives back the buffer of a backlog that has drained: once under a
+    /// quarter full, shrink to twice the length (amortised O(1) per pop).
+    fn shrink_if_sparse(&mut self) {
+        let (len, cap) = (self.ready.len(), self.ready.capacity());
+        if cap > 4 * IN_MEMORY_READY && len < cap / 4 {
+            self.ready.shrink_to((2 * len).max(IN_MEMORY_READY));
         }
     }
 
@@ -286,7 +295,7 @@ impl Queue {
                     seq: e.position,
                     redelivered: e.delivered,
                     message: None,
-                    stored: Some(e.stored),
+                    stored: Some(StoredRef::from_arc(e.stored)),
                 })
                 .collect();
         }
@@ -303,7 +312,7 @@ impl Queue {
     }
 
     /// Enqueues a routed message, handing it straight to a consumer when one has credit.
-    pub fn publish(self: &Arc<Self>, message: Arc<Message>, stored: Option<Arc<StoredMessage>>) {
+    pub fn publish(self: &Arc<Self>, message: Arc<Message>, stored: Option<StoredRef>) {
         let mut st = self.state.lock();
         if self.is_deleted() {
             return;
@@ -390,6 +399,7 @@ impl Queue {
         let mut st = self.state.lock();
         loop {
             let mut message = st.ready.pop_front()?;
+            st.shrink_if_sparse();
             let Some(content) = message.load() else {
                 tracing::error!(queue = %self.name, "a stored message could not be read back; dropped");
                 continue;
@@ -479,7 +489,7 @@ impl Queue {
                 .map(|m| m.seq);
             journal.store.index_remove_all(journal.queue_id, on_disk);
         }
-        st.ready.clear();
+        st.ready = VecDeque::new();
         n
     }
 

@@ -20,7 +20,7 @@ use crate::model::message::Message;
 use crate::model::queue::{Consumer, Queue, QueueOptions};
 use crate::model::vhost::{generated_name, ExchangeDeclare, QueueDeclare, VHost};
 use crate::model::Broker;
-use crate::store::Store;
+use crate::store::{Store, StoredRef};
 
 /// What a channel needs from its connection to handle a method.
 pub struct Context<'a> {
@@ -345,18 +345,36 @@ impl Channel {
             return false;
         }
         // Written to disk once, however many durable queues it reaches.
+        let durable = route.queues.iter().filter(|q| q.is_durable_store()).count();
         let stored = match ctx.broker.store() {
-            Some(store)
-                if message.is_persistent() && route.queues.iter().any(|q| q.is_durable_store()) =>
-            {
+            Some(store) if message.is_persistent() && durable > 0 => {
                 Some(store.persist_message(&message))
             }
             _ => None,
         };
-        for queue in &route.queues {
-            queue.publish(message.clone(), stored.clone());
+        let on_disk = stored.is_some();
+        match stored {
+            // One durable queue (the common case): it owns the record inline.
+            Some(stored) if durable == 1 => {
+                let mut stored = Some(StoredRef::Sole(stored));
+                for queue in &route.queues {
+                    let mine = if queue.is_durable_store() {
+                        stored.take()
+                    } else {
+                        None
+                    };
+                    queue.publish(message.clone(), mine);
+                }
+            }
+            stored => {
+                let stored = stored.map(Arc::new);
+                for queue in &route.queues {
+                    let mine = stored.clone().filter(|_| queue.is_durable_store());
+                    queue.publish(message.clone(), mine.map(StoredRef::Shared));
+                }
+            }
         }
-        stored.is_some()
+        on_disk
     }
 
     // ---- methods -------------------------------------------------------------

@@ -83,8 +83,34 @@ pub struct RecoveredMessage {
 /// drops it (every queue acked or discarded it) its bytes are deleted.
 pub struct StoredMessage {
     pub id: u64,
-    pub body_size: u64,
     store: Arc<Store>,
+}
+
+/// A queue's hold on a stored message: owned inline when one queue holds it
+/// (the common case: no separate allocation), shared when several do.
+pub enum StoredRef {
+    Sole(StoredMessage),
+    Shared(Arc<StoredMessage>),
+}
+
+impl StoredRef {
+    /// Owned inline if nobody else holds it.
+    pub fn from_arc(stored: Arc<StoredMessage>) -> StoredRef {
+        match Arc::try_unwrap(stored) {
+            Ok(sole) => StoredRef::Sole(sole),
+            Err(shared) => StoredRef::Shared(shared),
+        }
+    }
+}
+
+impl std::ops::Deref for StoredRef {
+    type Target = StoredMessage;
+    fn deref(&self) -> &StoredMessage {
+        match self {
+            StoredRef::Sole(m) => m,
+            StoredRef::Shared(m) => m,
+        }
+    }
 }
 
 impl Drop for StoredMessage {
@@ -233,7 +259,6 @@ impl Store {
                     .or_insert_with(|| {
                         Arc::new(StoredMessage {
                             id: message_id,
-                            body_size: 0,
                             store: self.clone(),
                         })
                     })
@@ -300,7 +325,7 @@ impl Store {
     // ---- messages -----------------------------------------------------------------
 
     /// Writes a persistent message once, for every durable queue it reaches.
-    pub fn persist_message(self: &Arc<Self>, message: &Message) -> Arc<StoredMessage> {
+    pub fn persist_message(self: &Arc<Self>, message: &Message) -> StoredMessage {
         let id = self.next_message_id.fetch_add(1, Ordering::Relaxed);
         if let Err(error) = self
             .messages
@@ -308,11 +333,10 @@ impl Store {
         {
             tracing::error!(%error, "could not persist a message");
         }
-        Arc::new(StoredMessage {
+        StoredMessage {
             id,
-            body_size: message.body.len() as u64,
             store: self.clone(),
-        })
+        }
     }
 
     pub fn index_add(&self, queue_id: u64, position: u64, message_id: u64, delivered: bool) {
