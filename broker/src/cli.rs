@@ -25,10 +25,11 @@ struct Args {
     /// Heartbeat interval offered in connection.tune, in seconds (0 disables).
     #[arg(long, env = "HARE_HEARTBEAT", default_value_t = 60)]
     heartbeat: u64,
-    /// Memory for the store's page cache, in MiB (queued persistent bodies
-    /// live on disk; this bounds what reading them back costs in RAM; sled's
-    /// real use is about 2-3x this, and a FIFO backlog gains nothing from more).
-    #[arg(long, env = "HARE_STORE_CACHE_MB", default_value_t = 8)]
+    /// Memory for the store's page cache, in MiB. Queued persistent bodies
+    /// live on disk; sled's real use is about 2-3x this. 16 MiB keeps a
+    /// million queued 1 KiB messages near 150 MB of RSS; 64 MiB confirms
+    /// persistent messages about 10 % faster at twice the memory.
+    #[arg(long, env = "HARE_STORE_CACHE_MB", default_value_t = 16)]
     store_cache_mb: u64,
     /// Largest message body accepted, in bytes.
     #[arg(long, env = "HARE_MAX_MESSAGE_SIZE", default_value_t = 134_217_728)]

@@ -54,7 +54,7 @@ impl Default for Config {
                 loopback_only: true,
             }],
             vhosts: vec!["/".into()],
-            store_cache_bytes: 8 * 1024 * 1024,
+            store_cache_bytes: 16 * 1024 * 1024,
             shutdown_grace: Duration::from_secs(5),
         }
     }
