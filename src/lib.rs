@@ -170,10 +170,6 @@ impl BrokerProcess {
         format!("amqp://guest:guest@{}/%2f", self.addr)
     }
 
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
     /// SIGKILL: no chance to flush or close anything.
     pub fn kill9(mut self) {
         let _ = self.child.kill();

@@ -235,17 +235,6 @@ impl Exchange {
         !self.bindings.read().all.is_empty()
     }
 
-    pub fn has_binding(
-        &self,
-        destination: &Destination,
-        key: &str,
-        arguments: &FieldTable,
-    ) -> bool {
-        self.bindings.read().all.iter().any(|b| {
-            b.destination.same_as(destination) && b.key == key && &b.arguments == arguments
-        })
-    }
-
     /// Collects the queues a message with this key and these headers reaches.
     pub fn route(&self, routing_key: &str, headers: Option<&FieldTable>, route: &mut Route) {
         let mut visited: Vec<*const Exchange> = Vec::new();
@@ -259,11 +248,12 @@ impl Exchange {
         route: &mut Route,
         visited: &mut Vec<*const Exchange>,
     ) {
+        // `visited` holds the chain of exchanges that forwarded here; it only
+        // grows (and allocates) when a message actually crosses an e2e binding.
         let me = self as *const Exchange;
         if visited.contains(&me) || visited.len() >= MAX_HOPS {
             return;
         }
-        visited.push(me);
         let mut onward: Vec<Arc<Exchange>> = Vec::new();
         {
             let table = self.bindings.read();
@@ -298,6 +288,9 @@ impl Exchange {
                     }
                 }
             }
+        }
+        if !onward.is_empty() {
+            visited.push(me);
         }
         for exchange in onward {
             if !exchange.is_deleted() {

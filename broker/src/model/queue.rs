@@ -509,8 +509,4 @@ impl Queue {
         }
         count
     }
-
-    pub fn unacked(&self) -> u32 {
-        self.state.lock().unacked
-    }
 }

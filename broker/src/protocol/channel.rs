@@ -17,7 +17,7 @@ use crate::config::Config;
 use crate::error::{code, AmqpError, AmqpResult};
 use crate::model::exchange::{Exchange, Route};
 use crate::model::message::Message;
-use crate::model::queue::{Consumer, Queue, QueueOptions};
+use crate::model::queue::{Consumer, QueueOptions};
 use crate::model::vhost::{generated_name, ExchangeDeclare, QueueDeclare, VHost};
 use crate::model::Broker;
 use crate::store::{Store, StoredRef};
@@ -842,22 +842,20 @@ fn release_consumer(vhost: &VHost, consumer: &ConsumerRef) {
 }
 
 /// Applies settlements queue by queue, one lock per queue.
-fn settle_now(taken: Vec<Unacked>, how: Settle) {
-    let mut groups: Vec<(Arc<Queue>, Vec<Unacked>)> = Vec::new();
-    for u in taken {
-        match groups.iter_mut().find(|(q, _)| Arc::ptr_eq(q, &u.queue)) {
-            Some((_, list)) => list.push(u),
-            None => groups.push((u.queue.clone(), vec![u])),
-        }
-    }
-    for (queue, list) in groups {
+fn settle_now(mut taken: Vec<Unacked>, how: Settle) {
+    // Grouped by queue so each queue is locked once; sorting in place keeps the
+    // common single ack free of allocations (requeue restores queue order itself).
+    taken.sort_by_key(|u| Arc::as_ptr(&u.queue) as usize);
+    let mut rest = taken.into_iter().peekable();
+    while let Some(first) = rest.next() {
+        let queue = first.queue.clone();
+        let same_queue = std::iter::from_fn(|| rest.next_if(|u| Arc::ptr_eq(&u.queue, &queue)));
+        let items = std::iter::once(first)
+            .chain(same_queue)
+            .map(|u| (u.consumer, u.message));
         match how {
-            Settle::Ack | Settle::Discard => {
-                queue.settle(list.into_iter().map(|u| (u.consumer, u.message)))
-            }
-            Settle::Requeue => {
-                queue.requeue(list.into_iter().map(|u| (u.consumer, u.message)).collect())
-            }
+            Settle::Ack | Settle::Discard => queue.settle(items),
+            Settle::Requeue => queue.requeue(items.collect()),
         }
     }
 }
