@@ -26,4 +26,10 @@ impl Message {
     pub fn is_persistent(&self) -> bool {
         self.properties.delivery_mode() == &Some(2)
     }
+
+    /// The `expiration` property in milliseconds. Invalid values were refused
+    /// at publish, so one that does not parse here means no expiry.
+    pub fn expiration_ms(&self) -> Option<u64> {
+        self.properties.expiration().as_ref()?.as_str().parse().ok()
+    }
 }

@@ -2,10 +2,15 @@
 //! I/O; the protocol layer drives it and the store persists what it decides.
 
 pub mod args;
+pub mod dead_letter;
 pub mod exchange;
 pub mod headers;
 pub mod message;
+pub mod publish;
 pub mod queue;
+pub mod queue_args;
+pub mod ready;
+pub mod timers;
 pub mod topic;
 pub mod vhost;
 
@@ -15,6 +20,7 @@ use std::sync::Arc;
 
 use crate::config::{Config, User};
 use crate::store::{Store, StoreError};
+use timers::Timers;
 use vhost::{RecoveredVHost, VHost};
 
 /// The whole broker state that connections share.
@@ -70,11 +76,17 @@ impl Broker {
     }
 
     fn build(config: &Config, store: Option<Arc<Store>>) -> Self {
+        let timers = Timers::start();
         Broker {
             vhosts: config
                 .vhosts
                 .iter()
-                .map(|name| (name.clone(), Arc::new(VHost::new(name, store.clone()))))
+                .map(|name| {
+                    (
+                        name.clone(),
+                        VHost::new(name, store.clone(), timers.clone()),
+                    )
+                })
                 .collect(),
             users: config.users.clone(),
             next_id: AtomicU64::new(1),

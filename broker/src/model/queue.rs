@@ -1,25 +1,33 @@
 //! A queue: its ready messages, its consumers, and the count of deliveries
-//! awaiting acknowledgement.
+//! awaiting acknowledgement, with RabbitMQ's queue arguments applied
+//! (TTLs, length limits, dead-lettering, priorities, single active consumer).
 //!
 //! Each queue has its own short-held lock; nothing on the publish or deliver path
 //! takes a broker-wide lock. Lock order is queue → channel → connection outbox,
 //! and the acknowledgement path releases the channel before it takes a queue.
+//! Messages that die under the lock (rejected, expired, over a limit) are
+//! dead-lettered after it is released, since a dead-letter exchange may route
+//! them back to this very queue.
 //!
 //! A durable queue keeps a journal in the store (what it holds, in order, and
 //! what was delivered) and, past a short in-memory head, keeps only the
 //! message's place and disk id: bodies are read back as consumers catch up, so
 //! memory does not grow with the bytes queued.
 
-use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 use amq_protocol::types::{FieldTable, ShortString};
-use parking_lot::Mutex;
+use parking_lot::{Mutex, MutexGuard};
 
+use super::dead_letter::Reason;
 use super::message::Message;
+use super::queue_args::{Overflow, QueueArgs};
+use super::ready::Ready;
+use super::timers::{now_ms, Timed, Timers};
+use super::vhost::VHost;
 use crate::error::{AmqpError, AmqpResult};
-use crate::store::{RecoveredMessage, Store, StoredRef};
+use crate::store::{IndexEntry, RecoveredMessage, Store, StoredRef};
 
 /// Ready messages of a durable queue beyond this many wait on disk only.
 const IN_MEMORY_READY: usize = 1024;
@@ -29,6 +37,12 @@ const IN_MEMORY_READY: usize = 1024;
 pub struct QueuedMessage {
     pub seq: u64,
     pub redelivered: bool,
+    /// Its priority level in a priority queue.
+    pub priority: u8,
+    /// Body size, counted against `x-max-length-bytes` even while paged out.
+    pub size: u32,
+    /// When it expires, in ms since the epoch; 0 = never.
+    pub expires_at: u64,
     /// The message itself; `None` while it is paged out to the store.
     pub message: Option<Arc<Message>>,
     /// Its copy on disk, for persistent messages in durable queues.
@@ -42,6 +56,16 @@ impl QueuedMessage {
             self.message = self.stored.as_ref()?.load().map(Arc::new);
         }
         self.message.clone()
+    }
+
+    fn index_entry(&self, delivered: bool) -> Option<IndexEntry> {
+        Some(IndexEntry {
+            message_id: self.stored.as_ref()?.id,
+            delivered,
+            expires_at: self.expires_at,
+            priority: self.priority,
+            size: self.size,
+        })
     }
 }
 
@@ -75,6 +99,8 @@ pub struct Consumer {
     pub exclusive: bool,
     /// Per-consumer prefetch (basic.qos global=false); 0 = unlimited.
     pub prefetch: u32,
+    /// The `x-priority` consume argument: higher goes first while it has credit.
+    pub priority: i32,
     pub sink: Arc<dyn DeliverySink>,
     in_flight: u32,
 }
@@ -94,9 +120,15 @@ impl Consumer {
             no_ack,
             exclusive,
             prefetch,
+            priority: 0,
             sink,
             in_flight: 0,
         }
+    }
+
+    pub fn with_priority(mut self, priority: i32) -> Self {
+        self.priority = priority;
+        self
     }
 
     fn has_credit(&self) -> bool {
@@ -122,17 +154,16 @@ pub struct Journal {
 
 impl Journal {
     fn added(&self, m: &QueuedMessage) {
-        if let Some(stored) = &m.stored {
-            self.store
-                .index_add(self.queue_id, m.seq, stored.id, m.redelivered);
+        if let Some(entry) = m.index_entry(m.redelivered) {
+            self.store.index_add(self.queue_id, m.seq, &entry);
         }
     }
 
     /// Remembered so a restart marks it redelivered.
     fn delivered(&self, m: &QueuedMessage) {
         if !m.redelivered {
-            if let Some(stored) = &m.stored {
-                self.store.index_add(self.queue_id, m.seq, stored.id, true);
+            if let Some(entry) = m.index_entry(true) {
+                self.store.index_add(self.queue_id, m.seq, &entry);
             }
         }
     }
@@ -144,36 +175,101 @@ impl Journal {
     }
 }
 
+/// What became of a message routed to a queue.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Enqueued {
+    Accepted,
+    /// Refused by a full queue with `x-overflow: reject-publish(-dlx)`: the
+    /// publisher gets a nack.
+    Rejected,
+}
+
 pub struct Queue {
     pub name: String,
     pub vhost: String,
     pub options: QueueOptions,
+    /// The arguments, parsed and checked at declare time.
+    pub args: QueueArgs,
     /// Connection that owns an exclusive queue.
     pub owner: Option<u64>,
     /// Present for durable, non-exclusive queues.
     pub journal: Option<Journal>,
+    /// Where dead letters are published and who deletes an expired queue.
+    home: Weak<VHost>,
+    timers: Arc<Timers>,
+    me: Weak<Queue>,
     state: Mutex<QueueState>,
     deleted: AtomicBool,
 }
 
-#[derive(Default)]
 struct QueueState {
-    ready: VecDeque<QueuedMessage>,
+    ready: Ready,
     next_seq: u64,
     consumers: Vec<Consumer>,
     /// Round-robin position among consumers.
     cursor: usize,
+    /// Some consumer has a non-zero `x-priority`.
+    prioritized: bool,
     unacked: u32,
     had_consumer: bool,
+    /// Messages that died under the lock, dead-lettered once it is released.
+    dead: Vec<(QueuedMessage, Reason)>,
+    /// Some message ever carried an expiry, so heads need watching.
+    expiring: bool,
+    /// The wake-up registered with the timers (0 = none).
+    timer_at: u64,
+    /// Last consumer, get or declare, for `x-expires`.
+    last_used: u64,
 }
 
 impl QueueState {
-    /// Next consumer with credit, round robin from the cursor.
-    fn pick_consumer(&mut self) -> Option<usize> {
+    fn new(args: &QueueArgs) -> Self {
+        QueueState {
+            ready: Ready::new(args.max_priority.unwrap_or(0)),
+            next_seq: 0,
+            consumers: Vec::new(),
+            cursor: 0,
+            prioritized: false,
+            unacked: 0,
+            had_consumer: false,
+            dead: Vec::new(),
+            expiring: args.message_ttl.is_some(),
+            timer_at: 0,
+            last_used: now_ms(),
+        }
+    }
+
+    /// Next consumer with credit: the single active one, or round robin
+    /// among those of the highest priority that can take a message.
+    fn pick_consumer(&mut self, single_active: bool) -> Option<usize> {
         let n = self.consumers.len();
-        (0..n)
-            .map(|i| (self.cursor + i) % n)
-            .find(|&i| self.consumers[i].has_credit())
+        if single_active {
+            return self.consumers.first()?.has_credit().then_some(0);
+        }
+        let order = (0..n).map(|i| (self.cursor + i) % n);
+        if !self.prioritized {
+            return order.clone().find(|&i| self.consumers[i].has_credit());
+        }
+        let best = self
+            .consumers
+            .iter()
+            .filter(|c| c.has_credit())
+            .map(|c| c.priority)
+            .max()?;
+        order
+            .clone()
+            .find(|&i| self.consumers[i].priority == best && self.consumers[i].has_credit())
+    }
+
+    /// A message leaves the queue without being delivered: gone from the
+    /// journal, and dead-lettered when the queue has somewhere to send it.
+    fn discard(&mut self, queue: &Queue, message: QueuedMessage, reason: Reason) {
+        if let Some(journal) = &queue.journal {
+            journal.removed(&message);
+        }
+        if queue.args.dead_letter_exchange.is_some() {
+            self.dead.push((message, reason));
+        }
     }
 
     /// Hands `message` to consumer `idx`. If that channel refused it (closed or
@@ -219,24 +315,87 @@ impl QueueState {
         // Bounded: each refusal puts the message back, so allow every consumer
         // one refusal before giving up until the next event.
         let mut refusals = 0;
+        let mut now = 0;
+        let single_active = queue.args.single_active_consumer;
         while !self.ready.is_empty() && refusals <= self.consumers.len() {
-            let Some(idx) = self.pick_consumer() else {
+            let Some(idx) = self.pick_consumer(single_active) else {
                 break;
             };
             let message = self.ready.pop_front().expect("checked non-empty");
+            if message.expires_at != 0 {
+                if now == 0 {
+                    now = now_ms();
+                }
+                // Expired messages are never delivered.
+                if message.expires_at <= now {
+                    self.discard(queue, message, Reason::Expired);
+                    continue;
+                }
+            }
             if !self.hand_over(queue, idx, message) {
                 refusals += 1;
             }
         }
-        self.shrink_if_sparse();
+        self.ready.shrink_if_sparse(IN_MEMORY_READY);
+        if self.expiring {
+            self.arm_timer(queue);
+        }
     }
 
-    /// Gives back the buffer of a backlog that has drained: once under a
-    /// quarter full, shrink to twice the length (amortised O(1) per pop).
-    fn shrink_if_sparse(&mut self) {
-        let (len, cap) = (self.ready.len(), self.ready.capacity());
-        if cap > 4 * IN_MEMORY_READY && len < cap / 4 {
-            self.ready.shrink_to((2 * len).max(IN_MEMORY_READY));
+    /// Whether one more message of `size` bytes would exceed a length limit.
+    fn would_overflow(&self, args: &QueueArgs, size: u32) -> bool {
+        args.max_length
+            .is_some_and(|max| self.ready.len() as u64 + 1 > max)
+            || args
+                .max_length_bytes
+                .is_some_and(|max| self.ready.bytes() + u64::from(size) > max)
+    }
+
+    /// drop-head: the oldest ready messages make room for the new ones.
+    fn drop_over_limit(&mut self, queue: &Queue) {
+        let args = &queue.args;
+        while args
+            .max_length
+            .is_some_and(|max| self.ready.len() as u64 > max)
+            || args
+                .max_length_bytes
+                .is_some_and(|max| self.ready.bytes() > max)
+        {
+            let Some(head) = self.ready.pop_front() else {
+                break;
+            };
+            self.discard(queue, head, Reason::MaxLen);
+        }
+    }
+
+    fn expire_heads(&mut self, queue: &Queue, now: u64) {
+        let mut expired = Vec::new();
+        self.ready.take_expired_heads(now, &mut expired);
+        for m in expired {
+            self.discard(queue, m, Reason::Expired);
+        }
+    }
+
+    /// When the queue next needs a look without any client doing anything:
+    /// a head message expires, or the unused queue itself does.
+    fn next_deadline(&self, args: &QueueArgs) -> u64 {
+        let head = self.ready.earliest_head_expiry();
+        let unused = match args.expires {
+            Some(ms) if self.consumers.is_empty() => self.last_used.saturating_add(ms),
+            _ => 0,
+        };
+        match (head, unused) {
+            (0, x) | (x, 0) => x,
+            (a, b) => a.min(b),
+        }
+    }
+
+    fn arm_timer(&mut self, queue: &Queue) {
+        let at = self.next_deadline(&queue.args);
+        if at != 0 && (self.timer_at == 0 || at < self.timer_at) {
+            self.timer_at = at;
+            let me: Weak<dyn Timed> = queue.me.clone();
+            queue.timers.schedule(at, me);
         }
     }
 
@@ -257,47 +416,59 @@ pub struct QueueCounts {
     pub consumers: u32,
 }
 
+/// Everything a queue is made from.
+pub struct QueueSpec {
+    pub name: String,
+    pub options: QueueOptions,
+    pub args: QueueArgs,
+    pub owner: Option<u64>,
+    pub journal: Option<Journal>,
+}
+
 impl Queue {
-    pub fn new(
-        name: String,
-        vhost: String,
-        options: QueueOptions,
-        owner: Option<u64>,
-        journal: Option<Journal>,
-    ) -> Self {
-        Queue {
-            name,
-            vhost,
-            options,
-            owner,
-            journal,
-            state: Mutex::new(QueueState::default()),
+    pub fn new(spec: QueueSpec, home: &Arc<VHost>, timers: Arc<Timers>) -> Arc<Self> {
+        let queue = Arc::new_cyclic(|me| Queue {
+            name: spec.name,
+            vhost: home.name.clone(),
+            state: Mutex::new(QueueState::new(&spec.args)),
+            options: spec.options,
+            args: spec.args,
+            owner: spec.owner,
+            journal: spec.journal,
+            home: Arc::downgrade(home),
+            timers,
+            me: me.clone(),
             deleted: AtomicBool::new(false),
-        }
+        });
+        queue.state.lock().arm_timer(&queue);
+        queue
     }
 
     /// A durable queue as a restart finds it: everything ready, in order,
-    /// bodies left on disk until delivery.
+    /// bodies left on disk until delivery. Its `x-expires` clock starts again.
     pub fn recovered(
-        name: String,
-        vhost: String,
-        options: QueueOptions,
-        journal: Journal,
+        spec: QueueSpec,
+        home: &Arc<VHost>,
+        timers: Arc<Timers>,
         entries: Vec<RecoveredMessage>,
-    ) -> Self {
-        let queue = Queue::new(name, vhost, options, None, Some(journal));
+    ) -> Arc<Self> {
+        let queue = Self::new(spec, home, timers);
         {
             let mut st = queue.state.lock();
             st.next_seq = entries.last().map_or(0, |e| e.position + 1);
-            st.ready = entries
-                .into_iter()
-                .map(|e| QueuedMessage {
+            for e in entries {
+                st.expiring |= e.entry.expires_at != 0;
+                st.ready.push_back(QueuedMessage {
                     seq: e.position,
-                    redelivered: e.delivered,
+                    redelivered: e.entry.delivered,
+                    priority: e.entry.priority,
+                    size: e.entry.size,
+                    expires_at: e.entry.expires_at,
                     message: None,
                     stored: Some(StoredRef::from_arc(e.stored)),
-                })
-                .collect();
+                });
+            }
+            st.arm_timer(&queue);
         }
         queue
     }
@@ -311,17 +482,55 @@ impl Queue {
         self.journal.is_some()
     }
 
+    /// Releases the lock, then dead-letters what died under it.
+    fn finish(&self, mut st: MutexGuard<'_, QueueState>) {
+        if st.dead.is_empty() {
+            return;
+        }
+        let dead = std::mem::take(&mut st.dead);
+        drop(st);
+        if let Some(vhost) = self.home.upgrade() {
+            vhost.dead_letter(self, dead);
+        }
+    }
+
     /// Enqueues a routed message, handing it straight to a consumer when one has credit.
-    pub fn publish(self: &Arc<Self>, message: Arc<Message>, stored: Option<StoredRef>) {
+    pub fn publish(self: &Arc<Self>, message: Arc<Message>, stored: Option<StoredRef>) -> Enqueued {
+        let ttl = match (self.args.message_ttl, message.expiration_ms()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let now = if ttl.is_some() { now_ms() } else { 0 };
+        let size = message.body.len() as u32;
+        let priority = message.properties.priority().unwrap_or(0);
         let mut st = self.state.lock();
         if self.is_deleted() {
-            return;
+            return Enqueued::Accepted;
+        }
+        if self.args.overflow != Overflow::DropHead && st.would_overflow(&self.args, size) {
+            if self.args.overflow == Overflow::RejectPublishDlx {
+                let refused = QueuedMessage {
+                    seq: 0,
+                    redelivered: false,
+                    priority,
+                    size,
+                    expires_at: 0,
+                    message: Some(message),
+                    stored: None,
+                };
+                st.discard(self, refused, Reason::MaxLen);
+            }
+            self.finish(st);
+            return Enqueued::Rejected;
         }
         let seq = st.next_seq;
         st.next_seq += 1;
         let mut queued = QueuedMessage {
             seq,
             redelivered: false,
+            priority,
+            size,
+            expires_at: ttl.map_or(0, |t| now.saturating_add(t)),
             message: Some(message),
             stored: stored.filter(|_| self.journal.is_some()),
         };
@@ -329,21 +538,36 @@ impl Queue {
             journal.added(&queued);
         }
         if st.ready.is_empty() {
-            if let Some(idx) = st.pick_consumer() {
+            // Even a message with TTL 0 goes to a consumer that can take it now.
+            if let Some(idx) = st.pick_consumer(self.args.single_active_consumer) {
                 if !st.hand_over(self, idx, queued) {
                     st.dispatch(self);
                 }
-                return;
+                self.finish(st);
+                return Enqueued::Accepted;
             }
+        }
+        if ttl == Some(0) {
+            st.discard(self, queued, Reason::Expired);
+            self.finish(st);
+            return Enqueued::Accepted;
         }
         if queued.stored.is_some() && st.ready.len() >= IN_MEMORY_READY {
             queued.message = None;
         }
+        let expires = queued.expires_at != 0;
         st.ready.push_back(queued);
+        st.drop_over_limit(self);
+        if expires {
+            st.expiring = true;
+            st.arm_timer(self);
+        }
         if st.ready.len() == 1 {
             // Nobody took it directly; a refusal race may have left credit unused.
             st.dispatch(self);
         }
+        self.finish(st);
+        Enqueued::Accepted
     }
 
     pub fn counts(&self) -> QueueCounts {
@@ -351,6 +575,14 @@ impl Queue {
         QueueCounts {
             messages: st.ready.len() as u32,
             consumers: st.consumers.len() as u32,
+        }
+    }
+
+    /// A redeclare counts as use for `x-expires`.
+    pub fn touch(&self) {
+        if self.args.expires.is_some() {
+            let mut st = self.state.lock();
+            st.last_used = now_ms();
         }
     }
 
@@ -377,29 +609,50 @@ impl Queue {
             )));
         }
         on_accept();
+        st.prioritized |= consumer.priority != 0;
         st.consumers.push(consumer);
         st.had_consumer = true;
         st.dispatch(self);
+        self.finish(st);
         Ok(())
     }
 
     /// Removes a consumer; true when an auto-delete queue just lost its last one
     /// and should now be deleted.
-    pub fn remove_consumer(&self, id: u64) -> bool {
+    pub fn remove_consumer(self: &Arc<Self>, id: u64) -> bool {
         let mut st = self.state.lock();
+        let was_active = st.consumers.first().is_some_and(|c| c.id == id);
         st.consumers.retain(|c| c.id != id);
         if st.cursor >= st.consumers.len() {
             st.cursor = 0;
         }
-        self.options.auto_delete && st.had_consumer && st.consumers.is_empty()
+        st.prioritized = st.consumers.iter().any(|c| c.priority != 0);
+        if st.consumers.is_empty() {
+            st.last_used = now_ms();
+            st.arm_timer(self);
+        } else if was_active && self.args.single_active_consumer {
+            // The next consumer in line takes over.
+            st.dispatch(self);
+        }
+        let auto_delete = self.options.auto_delete && st.had_consumer && st.consumers.is_empty();
+        self.finish(st);
+        auto_delete
     }
 
     /// basic.get: the head message, loaded, and how many remain.
-    pub fn get(&self, no_ack: bool) -> Option<(QueuedMessage, Arc<Message>, u32)> {
+    pub fn get(self: &Arc<Self>, no_ack: bool) -> Option<(QueuedMessage, Arc<Message>, u32)> {
         let mut st = self.state.lock();
-        loop {
-            let mut message = st.ready.pop_front()?;
-            st.shrink_if_sparse();
+        st.last_used = now_ms();
+        let now = st.last_used;
+        let found = loop {
+            let Some(mut message) = st.ready.pop_front() else {
+                break None;
+            };
+            st.ready.shrink_if_sparse(IN_MEMORY_READY);
+            if message.expires_at != 0 && message.expires_at <= now {
+                st.discard(self, message, Reason::Expired);
+                continue;
+            }
             let Some(content) = message.load() else {
                 tracing::error!(queue = %self.name, "a stored message could not be read back; dropped");
                 continue;
@@ -414,21 +667,33 @@ impl Queue {
             if !no_ack {
                 st.unacked += 1;
             }
-            return Some((message, content, st.ready.len() as u32));
-        }
+            let remaining = st.ready.len() as u32;
+            break Some((message, content, remaining));
+        };
+        st.arm_timer(self);
+        self.finish(st);
+        found
     }
 
-    /// Acknowledged (or discarded) deliveries: forgets them and frees the
-    /// consumers' credit.
-    pub fn settle(self: &Arc<Self>, items: impl IntoIterator<Item = (Option<u64>, QueuedMessage)>) {
+    /// Acknowledged deliveries, or (with `reject`) deliveries the client
+    /// refused without requeueing, which are dead-lettered when the queue has
+    /// a dead-letter exchange. Frees the consumers' credit.
+    pub fn settle(
+        self: &Arc<Self>,
+        items: impl IntoIterator<Item = (Option<u64>, QueuedMessage)>,
+        reject: bool,
+    ) {
         let mut st = self.state.lock();
         for (consumer, message) in items {
             st.settle_one(consumer);
-            if let Some(journal) = &self.journal {
+            if reject {
+                st.discard(self, message, Reason::Rejected);
+            } else if let Some(journal) = &self.journal {
                 journal.removed(&message);
             }
         }
         st.dispatch(self);
+        self.finish(st);
     }
 
     /// Puts deliveries back at their original positions, marked redelivered.
@@ -444,53 +709,27 @@ impl Queue {
             return;
         }
         messages.sort_unstable_by_key(|m| m.seq);
-        let all_before_head = match (messages.last(), st.ready.front()) {
-            (Some(last), Some(head)) => last.seq < head.seq,
-            _ => true,
-        };
-        if all_before_head {
-            for message in messages.into_iter().rev() {
-                st.ready.push_front(message);
-            }
-        } else {
-            let old = std::mem::take(&mut st.ready);
-            let mut merged = VecDeque::with_capacity(old.len() + messages.len());
-            let mut old = old.into_iter().peekable();
-            let mut new = messages.into_iter().peekable();
-            loop {
-                let take_new = match (new.peek(), old.peek()) {
-                    (Some(n), Some(o)) => n.seq < o.seq,
-                    (Some(_), None) => true,
-                    (None, Some(_)) => false,
-                    (None, None) => break,
-                };
-                let next = if take_new { new.next() } else { old.next() };
-                merged.push_back(next.expect("peeked"));
-            }
-            st.ready = merged;
-        }
+        st.ready.restore(messages);
         st.dispatch(self);
+        self.finish(st);
     }
 
     /// Tries to hand ready messages to consumers whose channels regained capacity.
     pub fn dispatch(self: &Arc<Self>) {
-        self.state.lock().dispatch(self);
+        let mut st = self.state.lock();
+        st.dispatch(self);
+        self.finish(st);
     }
 
     /// queue.purge: drops ready messages (not unacked ones), returns how many.
     pub fn purge(&self) -> u32 {
         let mut st = self.state.lock();
-        let n = st.ready.len() as u32;
+        let all = st.ready.take_all();
         if let Some(journal) = &self.journal {
-            let on_disk = st
-                .ready
-                .iter()
-                .filter(|m| m.stored.is_some())
-                .map(|m| m.seq);
+            let on_disk = all.iter().filter(|m| m.stored.is_some()).map(|m| m.seq);
             journal.store.index_remove_all(journal.queue_id, on_disk);
         }
-        st.ready = VecDeque::new();
-        n
+        all.len() as u32
     }
 
     /// Marks the queue deleted, drops its messages, tells consumers' channels.
@@ -498,8 +737,7 @@ impl Queue {
         let (count, consumers) = {
             let mut st = self.state.lock();
             self.deleted.store(true, Ordering::Release);
-            let count = st.ready.len() as u32;
-            st.ready.clear();
+            let count = st.ready.take_all().len() as u32;
             (count, std::mem::take(&mut st.consumers))
         };
         for consumer in consumers {
@@ -508,5 +746,33 @@ impl Queue {
                 .cancelled_by_server(&consumer.tag, consumer.id);
         }
         count
+    }
+}
+
+impl Timed for Queue {
+    fn fire(&self, now: u64) {
+        let Some(me) = self.me.upgrade() else {
+            return;
+        };
+        let mut st = self.state.lock();
+        if self.is_deleted() {
+            return;
+        }
+        st.timer_at = 0;
+        st.expire_heads(self, now);
+        let unused = match self.args.expires {
+            Some(ms) => st.consumers.is_empty() && now >= st.last_used.saturating_add(ms),
+            None => false,
+        };
+        if !unused {
+            st.dispatch(&me);
+            st.arm_timer(self);
+        }
+        self.finish(st);
+        if unused {
+            if let Some(vhost) = self.home.upgrade() {
+                vhost.remove_queue(&me);
+            }
+        }
     }
 }

@@ -2,14 +2,16 @@
 //! declaring, binding and deleting them (RabbitMQ's checks and texts).
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 use amq_protocol::types::FieldTable;
 use parking_lot::RwLock;
 
 use super::args;
 use super::exchange::{Destination, Exchange, ExchangeKind, ExchangeOptions};
-use super::queue::{Journal, Queue, QueueCounts, QueueOptions};
+use super::queue::{Journal, Queue, QueueCounts, QueueOptions, QueueSpec};
+use super::queue_args::QueueArgs;
+use super::timers::Timers;
 use crate::error::{code, AmqpError, AmqpResult};
 use crate::store::{
     binding_record, BindingRecord, ExchangeRecord, QueueRecord, RecoveredMessage, Store,
@@ -54,6 +56,9 @@ pub struct VHost {
     queues: RwLock<HashMap<String, Arc<Queue>>>,
     /// Where durable definitions and messages go; `None` keeps everything in memory.
     store: Option<Arc<Store>>,
+    timers: Arc<Timers>,
+    /// Queues hold this to dead-letter into their vhost and to delete themselves.
+    me: Weak<VHost>,
 }
 
 /// A queue.declare request.
@@ -85,13 +90,15 @@ fn yes_no(b: bool) -> &'static str {
 }
 
 impl VHost {
-    pub fn new(name: &str, store: Option<Arc<Store>>) -> Self {
-        let vhost = VHost {
+    pub fn new(name: &str, store: Option<Arc<Store>>, timers: Arc<Timers>) -> Arc<Self> {
+        let vhost = Arc::new_cyclic(|me| VHost {
             name: name.to_owned(),
             exchanges: RwLock::new(HashMap::new()),
             queues: RwLock::new(HashMap::new()),
             store,
-        };
+            timers,
+            me: me.clone(),
+        });
         for (ex_name, kind) in PREDECLARED {
             let options = ExchangeOptions {
                 kind: *kind,
@@ -106,6 +113,15 @@ impl VHost {
             );
         }
         vhost
+    }
+
+    pub(crate) fn store(&self) -> Option<&Arc<Store>> {
+        self.store.as_ref()
+    }
+
+    #[allow(dead_code)] // used by the delayed-message exchange
+    pub(crate) fn timers(&self) -> &Arc<Timers> {
+        &self.timers
     }
 
     fn no_exchange(&self, name: &str) -> AmqpError {
@@ -332,9 +348,11 @@ impl VHost {
                 return Err(self.locked(&existing));
             }
             self.check_queue_equivalent(&existing, &req.options)?;
+            existing.touch();
             let counts = existing.counts();
             return Ok((existing, counts));
         }
+        let args = QueueArgs::parse(&req.options.arguments, &name, &self.name)?;
         let owner = req.options.exclusive.then_some(req.connection);
         // Exclusive queues die with their connection, so they never touch disk.
         let journal = match (&self.store, req.options.durable && !req.options.exclusive) {
@@ -348,13 +366,15 @@ impl VHost {
             }
             _ => None,
         };
-        let queue = Arc::new(Queue::new(
-            name.clone(),
-            self.name.clone(),
-            req.options,
+        let home = self.me.upgrade().expect("a vhost in use is alive");
+        let spec = QueueSpec {
+            name: name.clone(),
+            options: req.options,
+            args,
             owner,
             journal,
-        ));
+        };
+        let queue = Queue::new(spec, &home, self.timers.clone());
         queues.insert(name, queue.clone());
         drop(queues);
         // Every queue is bound to the default exchange under its own name; that
@@ -608,14 +628,21 @@ impl VHost {
                 store: store.clone(),
                 queue_id: record.id,
             };
-            let queue = Queue::recovered(
-                record.name.clone(),
-                self.name.clone(),
-                record.options(),
-                journal,
-                entries,
-            );
-            self.queues.write().insert(record.name, Arc::new(queue));
+            let options = record.options();
+            // Stored arguments were checked when declared; a newer, stricter
+            // check must not lose the queue, so fall back to the lenient defaults.
+            let args =
+                QueueArgs::parse(&options.arguments, &record.name, &self.name).unwrap_or_default();
+            let spec = QueueSpec {
+                name: record.name.clone(),
+                options,
+                args,
+                owner: None,
+                journal: Some(journal),
+            };
+            let home = self.me.upgrade().expect("a vhost in use is alive");
+            let queue = Queue::recovered(spec, &home, self.timers.clone(), entries);
+            self.queues.write().insert(record.name, queue);
         }
         for b in recovered.bindings {
             let source = self.exchanges.read().get(&b.source).cloned();

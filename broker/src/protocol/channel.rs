@@ -15,12 +15,13 @@ use super::delivery::{ChannelShared, ConsumerRef, Unacked};
 use super::outbox::Outbox;
 use crate::config::Config;
 use crate::error::{code, AmqpError, AmqpResult};
-use crate::model::exchange::{Exchange, Route};
+use crate::model::exchange::Exchange;
 use crate::model::message::Message;
+use crate::model::publish::Published;
 use crate::model::queue::{Consumer, QueueOptions};
 use crate::model::vhost::{generated_name, ExchangeDeclare, QueueDeclare, VHost};
 use crate::model::Broker;
-use crate::store::{Store, StoredRef};
+use crate::store::Store;
 
 /// What a channel needs from its connection to handle a method.
 pub struct Context<'a> {
@@ -279,10 +280,13 @@ impl Channel {
             tx.publishes.push((publish, message, exchange));
             return Ok(());
         }
-        let stored = self.route(ctx, exchange.as_ref(), &publish, message);
+        let outcome = self.route(ctx, exchange.as_ref(), &publish, message);
         if let Some(c) = self.confirms.as_mut() {
             c.published += 1;
-            c.needs_disk |= stored;
+            c.needs_disk |= outcome.stored;
+            if outcome.rejected {
+                self.shared.reject_publish(c.published);
+            }
         }
         Ok(())
     }
@@ -313,68 +317,30 @@ impl Channel {
         Ok(Some(exchange))
     }
 
+    /// Routes and enqueues; returns whether the confirm must wait for the disk.
     fn route(
         &self,
         ctx: &Context<'_>,
         exchange: Option<&Arc<Exchange>>,
         publish: &basic::Publish,
         message: Arc<Message>,
-    ) -> bool {
-        let mut route = Route::default();
-        match exchange {
-            Some(e) => e.route(publish.routing_key.as_str(), message.headers(), &mut route),
-            None => route
-                .queues
-                .extend(ctx.vhost.queue_for_publish(publish.routing_key.as_str())),
+    ) -> Published {
+        let outcome = ctx.vhost.publish(exchange, message.clone());
+        if !outcome.routed && publish.mandatory {
+            let method = AMQPClass::Basic(basic::AMQPMethod::Return(basic::Return {
+                reply_code: code::NO_ROUTE,
+                reply_text: "NO_ROUTE".into(),
+                exchange: publish.exchange.clone(),
+                routing_key: publish.routing_key.clone(),
+            }));
+            self.shared.outbox().send_content(
+                self.id(),
+                method,
+                &message.raw_header,
+                &message.body,
+            );
         }
-        if route.queues.is_empty() {
-            if publish.mandatory {
-                let method = AMQPClass::Basic(basic::AMQPMethod::Return(basic::Return {
-                    reply_code: code::NO_ROUTE,
-                    reply_text: "NO_ROUTE".into(),
-                    exchange: publish.exchange.clone(),
-                    routing_key: publish.routing_key.clone(),
-                }));
-                self.shared.outbox().send_content(
-                    self.id(),
-                    method,
-                    &message.raw_header,
-                    &message.body,
-                );
-            }
-            return false;
-        }
-        // Written to disk once, however many durable queues it reaches.
-        let durable = route.queues.iter().filter(|q| q.is_durable_store()).count();
-        let stored = match ctx.broker.store() {
-            Some(store) if message.is_persistent() && durable > 0 => {
-                Some(store.persist_message(&message))
-            }
-            _ => None,
-        };
-        let on_disk = stored.is_some();
-        match stored {
-            // One durable queue (the common case): it owns the record inline.
-            Some(stored) if durable == 1 => {
-                let mut stored = Some(StoredRef::Sole(stored));
-                for queue in &route.queues {
-                    let mine = if queue.is_durable_store() {
-                        stored.take()
-                    } else {
-                        None
-                    };
-                    queue.publish(message.clone(), mine);
-                }
-            }
-            stored => {
-                let stored = stored.map(Arc::new);
-                for queue in &route.queues {
-                    let mine = stored.clone().filter(|_| queue.is_durable_store());
-                    queue.publish(message.clone(), mine.map(StoredRef::Shared));
-                }
-            }
-        }
-        on_disk
+        outcome
     }
 
     // ---- methods -------------------------------------------------------------
@@ -628,7 +594,8 @@ impl Channel {
             c.exclusive,
             self.consumer_prefetch,
             self.shared.clone(),
-        );
+        )
+        .with_priority(consumer_priority(&c.arguments));
         let shared = &self.shared;
         let accepted = queue.add_consumer(consumer, || {
             if !c.nowait {
@@ -738,7 +705,7 @@ impl Channel {
                     .ok_or_else(|| AmqpError::precondition("channel is not transactional"))?;
                 let mut stored = false;
                 for (publish, message, exchange) in tx.publishes {
-                    stored |= self.route(ctx, exchange.as_ref(), &publish, message);
+                    stored |= self.route(ctx, exchange.as_ref(), &publish, message).stored;
                 }
                 for (taken, how) in tx.settlements {
                     settle_now(taken, how);
@@ -854,8 +821,18 @@ fn settle_now(mut taken: Vec<Unacked>, how: Settle) {
             .chain(same_queue)
             .map(|u| (u.consumer, u.message));
         match how {
-            Settle::Ack | Settle::Discard => queue.settle(items),
+            Settle::Ack => queue.settle(items, false),
+            Settle::Discard => queue.settle(items, true),
             Settle::Requeue => queue.requeue(items.collect()),
         }
     }
+}
+
+/// The `x-priority` consume argument (0 when absent).
+fn consumer_priority(arguments: &amq_protocol::types::FieldTable) -> i32 {
+    arguments
+        .inner()
+        .get("x-priority")
+        .and_then(crate::model::args::integer)
+        .map_or(0, |p| p.clamp(i32::MIN.into(), i32::MAX.into()) as i32)
 }

@@ -59,6 +59,9 @@ pub struct ChannelShared {
 struct ConfirmProgress {
     acked: u64,
     waiting_for_disk: u64,
+    /// Publishes refused by a full queue (reject-publish), in order: each
+    /// gets a nack in its place in the sequence.
+    rejected: VecDeque<u64>,
 }
 
 impl ChannelShared {
@@ -104,7 +107,32 @@ impl ChannelShared {
         }
     }
 
+    /// A publish a queue refused: its confirm will be a nack.
+    pub fn reject_publish(&self, seq: u64) {
+        self.confirms.lock().rejected.push_back(seq);
+    }
+
+    /// Confirms everything up to `upto`, as acks (or nacks when `ok` is false)
+    /// interrupted by a nack for each rejected publish.
     fn send_confirm(&self, progress: &mut ConfirmProgress, upto: u64, ok: bool) {
+        while let Some(&rejected) = progress.rejected.front() {
+            if rejected > upto {
+                break;
+            }
+            progress.rejected.pop_front();
+            if rejected > progress.acked + 1 {
+                self.send_one_confirm(progress, rejected - 1, ok);
+            }
+            if rejected > progress.acked {
+                self.send_one_confirm(progress, rejected, false);
+            }
+        }
+        if upto > progress.acked {
+            self.send_one_confirm(progress, upto, ok);
+        }
+    }
+
+    fn send_one_confirm(&self, progress: &mut ConfirmProgress, upto: u64, ok: bool) {
         let multiple = upto - progress.acked > 1;
         progress.acked = upto;
         let method = if ok {

@@ -3,7 +3,8 @@
 //! Three trees: `defs` (exchanges, queues, bindings, format version),
 //! `messages` (message id → exchange, routing key, content header, body; one
 //! copy however many queues hold it) and `index` (queue id + position →
-//! message id and a delivered flag; its key order is the queue order).
+//! message id, delivered flag, expiry, priority and size; its key order is
+//! the queue order).
 //!
 //! Writes go into sled as they happen; durability comes from [`flusher`], which
 //! fsyncs once for everything written since the last flush (group commit) and
@@ -75,7 +76,7 @@ pub struct Recovered {
 /// One entry of a recovered queue, in queue order.
 pub struct RecoveredMessage {
     pub position: u64,
-    pub delivered: bool,
+    pub entry: IndexEntry,
     pub stored: Arc<StoredMessage>,
 }
 
@@ -169,11 +170,51 @@ fn index_key(queue_id: u64, position: u64) -> [u8; 16] {
     key
 }
 
-fn index_value(message_id: u64, delivered: bool) -> [u8; 9] {
-    let mut value = [0u8; 9];
-    value[..8].copy_from_slice(&message_id.to_be_bytes());
-    value[8] = delivered as u8;
-    value
+/// A queue's index entry: what the queue needs of a message without reading
+/// its body (recovery keeps bodies on disk until delivery).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IndexEntry {
+    pub message_id: u64,
+    /// Delivered at least once, so a restart marks it redelivered.
+    pub delivered: bool,
+    /// Ms since the epoch; 0 = never.
+    pub expires_at: u64,
+    pub priority: u8,
+    pub size: u32,
+}
+
+impl IndexEntry {
+    const LEN: usize = 22;
+
+    /// `[message id u64][delivered u8][expires_at u64][priority u8][size u32]`
+    fn encode(&self) -> [u8; Self::LEN] {
+        let mut value = [0u8; Self::LEN];
+        value[..8].copy_from_slice(&self.message_id.to_be_bytes());
+        value[8] = self.delivered as u8;
+        value[9..17].copy_from_slice(&self.expires_at.to_be_bytes());
+        value[17] = self.priority;
+        value[18..].copy_from_slice(&self.size.to_be_bytes());
+        value
+    }
+
+    /// Also reads the first format's 9-byte entries (id and delivered flag).
+    fn decode(value: &[u8]) -> Option<IndexEntry> {
+        let mut entry = IndexEntry {
+            message_id: u64_from(value.get(..8)?),
+            delivered: *value.get(8)? != 0,
+            ..IndexEntry::default()
+        };
+        match value.len() {
+            9 => {}
+            Self::LEN => {
+                entry.expires_at = u64_from(&value[9..17]);
+                entry.priority = value[17];
+                entry.size = u32::from_be_bytes(value[18..22].try_into().ok()?);
+            }
+            _ => return None,
+        }
+        Some(entry)
+    }
 }
 
 impl Store {
@@ -250,10 +291,11 @@ impl Store {
             let mut entries = Vec::new();
             for item in self.index.scan_prefix(record.id.to_be_bytes()) {
                 let (key, value) = item.map_err(|e| corrupt(e.to_string()))?;
-                if key.len() != 16 || value.len() != 9 {
-                    return Err(corrupt("malformed queue index entry".into()));
-                }
-                let message_id = u64_from(&value[..8]);
+                let entry = match IndexEntry::decode(&value) {
+                    Some(entry) if key.len() == 16 => entry,
+                    _ => return Err(corrupt("malformed queue index entry".into())),
+                };
+                let message_id = entry.message_id;
                 let stored = shared
                     .entry(message_id)
                     .or_insert_with(|| {
@@ -265,7 +307,7 @@ impl Store {
                     .clone();
                 entries.push(RecoveredMessage {
                     position: u64_from(&key[8..]),
-                    delivered: value[8] != 0,
+                    entry,
                     stored,
                 });
             }
@@ -339,11 +381,10 @@ impl Store {
         }
     }
 
-    pub fn index_add(&self, queue_id: u64, position: u64, message_id: u64, delivered: bool) {
-        let _ = self.index.insert(
-            index_key(queue_id, position),
-            &index_value(message_id, delivered),
-        );
+    pub fn index_add(&self, queue_id: u64, position: u64, entry: &IndexEntry) {
+        let _ = self
+            .index
+            .insert(index_key(queue_id, position), &entry.encode());
     }
 
     /// Many removals in one sled batch (purge).

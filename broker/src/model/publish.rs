@@ -1,0 +1,124 @@
+//! Where a published message goes: routing through an exchange (falling back
+//! to its alternate exchange when nothing matches), one write to disk however
+//! many durable queues it reaches, and the hand-off to each queue. Clients'
+//! publishes, dead letters and delayed messages all take this path.
+
+use std::sync::Arc;
+
+use amq_protocol::types::FieldTable;
+
+use super::args;
+use super::exchange::{Exchange, Route};
+use super::message::Message;
+use super::queue::{Enqueued, Queue};
+use super::vhost::VHost;
+use crate::store::StoredRef;
+
+/// What publishing one message did.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Published {
+    /// Some queue took it (or refused it for being full).
+    pub routed: bool,
+    /// It was written to disk, so its confirm waits for a flush.
+    pub stored: bool,
+    /// A full queue with `x-overflow: reject-publish` refused it: nack.
+    pub rejected: bool,
+}
+
+/// Alternate-exchange chains longer than this only arise from cycles.
+const MAX_ALTERNATES: usize = 16;
+
+impl VHost {
+    /// Routes `message` (its own routing key and headers) and enqueues it.
+    pub fn publish(&self, exchange: Option<&Arc<Exchange>>, message: Arc<Message>) -> Published {
+        let route = self.route(exchange, message.routing_key.as_str(), message.headers());
+        self.enqueue(&route.queues, message)
+    }
+
+    /// The queues a message reaches. `None` is the default exchange, which
+    /// routes by queue name. An exchange that routes nowhere passes the
+    /// message to its `alternate-exchange`, and so on down the chain.
+    pub fn route(
+        &self,
+        exchange: Option<&Arc<Exchange>>,
+        routing_key: &str,
+        headers: Option<&FieldTable>,
+    ) -> Route {
+        let mut route = Route::default();
+        let Some(first) = exchange else {
+            route.queues.extend(self.queue_for_publish(routing_key));
+            return route;
+        };
+        first.route(routing_key, headers, &mut route);
+        let mut current = first.clone();
+        let mut visited: Vec<String> = Vec::new();
+        while route.queues.is_empty() && visited.len() < MAX_ALTERNATES {
+            let Some(name) = alternate_exchange(&current) else {
+                break;
+            };
+            if visited.contains(&name) || name == first.name {
+                break;
+            }
+            let Ok(next) = self.exchange(&name) else {
+                break;
+            };
+            next.route(routing_key, headers, &mut route);
+            visited.push(name);
+            current = next;
+        }
+        route
+    }
+
+    /// Hands a routed message to its queues, writing it to disk first when it
+    /// is persistent and at least one of them is durable.
+    pub fn enqueue(&self, queues: &[Arc<Queue>], message: Arc<Message>) -> Published {
+        if queues.is_empty() {
+            return Published::default();
+        }
+        // Written to disk once, however many durable queues it reaches.
+        let durable = queues.iter().filter(|q| q.is_durable_store()).count();
+        let stored = match self.store() {
+            Some(store) if message.is_persistent() && durable > 0 => {
+                Some(store.persist_message(&message))
+            }
+            _ => None,
+        };
+        let mut outcome = Published {
+            routed: true,
+            stored: stored.is_some(),
+            rejected: false,
+        };
+        let mut note = |e: Enqueued| outcome.rejected |= e == Enqueued::Rejected;
+        match stored {
+            // One durable queue (the common case): it owns the record inline.
+            Some(stored) if durable == 1 => {
+                let mut stored = Some(StoredRef::Sole(stored));
+                for queue in queues {
+                    let mine = if queue.is_durable_store() {
+                        stored.take()
+                    } else {
+                        None
+                    };
+                    note(queue.publish(message.clone(), mine));
+                }
+            }
+            stored => {
+                let stored = stored.map(Arc::new);
+                for queue in queues {
+                    let mine = stored.clone().filter(|_| queue.is_durable_store());
+                    note(queue.publish(message.clone(), mine.map(StoredRef::Shared)));
+                }
+            }
+        }
+        outcome
+    }
+}
+
+fn alternate_exchange(exchange: &Exchange) -> Option<String> {
+    exchange
+        .options
+        .arguments
+        .inner()
+        .get("alternate-exchange")
+        .and_then(args::text)
+}
