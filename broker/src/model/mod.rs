@@ -6,6 +6,7 @@ pub mod exchange;
 pub mod headers;
 pub mod message;
 pub mod queue;
+pub mod queue_args;
 pub mod topic;
 pub mod vhost;
 

@@ -10,6 +10,7 @@ use parking_lot::RwLock;
 use super::args;
 use super::exchange::{Destination, Exchange, ExchangeKind, ExchangeOptions};
 use super::queue::{Journal, Queue, QueueCounts, QueueOptions};
+use super::queue_args::{self, QueueArgs};
 use crate::error::{code, AmqpError, AmqpResult};
 use crate::store::{
     binding_record, BindingRecord, ExchangeRecord, QueueRecord, RecoveredMessage, Store,
@@ -173,6 +174,14 @@ impl VHost {
             ));
         }
         let kind = ExchangeKind::parse(req.kind).ok_or_else(|| {
+            if req.kind == "x-delayed-message" {
+                // Until Hare routes this type, at least its arguments get the plugin's 406.
+                if let Err(e) =
+                    queue_args::check_exchange_args(req.kind, req.arguments, req.name, &self.name)
+                {
+                    return e;
+                }
+            }
             AmqpError::connection(
                 code::COMMAND_INVALID,
                 format!("unknown exchange type '{}'", req.kind),
@@ -195,6 +204,7 @@ impl VHost {
                 req.name
             )));
         }
+        queue_args::check_exchange_args(req.kind, req.arguments, req.name, &self.name)?;
         if let (Some(store), true) = (&self.store, wanted.durable) {
             store.save_exchange(&self.name, req.name, &wanted);
         }
@@ -232,6 +242,18 @@ impl VHost {
         }
         if have.internal != wanted.internal {
             return mismatch("internal", yes_no(wanted.internal), yes_no(have.internal));
+        }
+        let (a, b) = (
+            wanted.arguments.inner().get("alternate-exchange"),
+            have.arguments.inner().get("alternate-exchange"),
+        );
+        if !args::same(a, b) {
+            return Err(AmqpError::precondition(format!(
+                "inequivalent arg 'alternate-exchange' for exchange '{}' in vhost '{}': {}",
+                existing.name,
+                self.name,
+                args::describe_mismatch(a, b)
+            )));
         }
         Ok(())
     }
@@ -335,6 +357,8 @@ impl VHost {
             let counts = existing.counts();
             return Ok((existing, counts));
         }
+        // Only a queue being created is validated; a redeclare only compares.
+        QueueArgs::parse(&req.options.arguments, &name, &self.name)?;
         let owner = req.options.exclusive.then_some(req.connection);
         // Exclusive queues die with their connection, so they never touch disk.
         let journal = match (&self.store, req.options.durable && !req.options.exclusive) {

@@ -18,6 +18,7 @@ use crate::error::{code, AmqpError, AmqpResult};
 use crate::model::exchange::{Exchange, Route};
 use crate::model::message::Message;
 use crate::model::queue::{Consumer, QueueOptions};
+use crate::model::queue_args;
 use crate::model::vhost::{generated_name, ExchangeDeclare, QueueDeclare, VHost};
 use crate::model::Broker;
 use crate::store::{Store, StoredRef};
@@ -275,6 +276,8 @@ impl Channel {
             body: unpin(incoming.body.freeze()),
         });
         let exchange = self.resolve_exchange(ctx, publish.exchange.as_str())?;
+        // Checked after the exchange lookup, as RabbitMQ does; the lead wires the value.
+        queue_args::message_expiration(&message.properties).map_err(in_publish)?;
         if let Some(tx) = self.tx.as_mut() {
             tx.publishes.push((publish, message, exchange));
             return Ok(());
@@ -613,6 +616,7 @@ impl Channel {
                 format!("attempt to reuse consumer tag '{tag}'"),
             ));
         }
+        let _priority = queue_args::consumer_priority(&c.arguments, &name, &ctx.vhost.name)?;
         let id = ctx.broker.next_id();
         self.shared.add_consumer(
             tag.clone(),
