@@ -100,7 +100,7 @@ pub struct Consumer {
     /// Per-consumer prefetch (basic.qos global=false); 0 = unlimited.
     pub prefetch: u32,
     /// The `x-priority` consume argument: higher goes first while it has credit.
-    pub priority: i32,
+    pub priority: i64,
     pub sink: Arc<dyn DeliverySink>,
     in_flight: u32,
 }
@@ -126,7 +126,7 @@ impl Consumer {
         }
     }
 
-    pub fn with_priority(mut self, priority: i32) -> Self {
+    pub fn with_priority(mut self, priority: i64) -> Self {
         self.priority = priority;
         self
     }

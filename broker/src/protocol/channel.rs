@@ -19,6 +19,7 @@ use crate::model::exchange::Exchange;
 use crate::model::message::Message;
 use crate::model::publish::Published;
 use crate::model::queue::{Consumer, QueueOptions};
+use crate::model::queue_args;
 use crate::model::vhost::{generated_name, ExchangeDeclare, QueueDeclare, VHost};
 use crate::model::Broker;
 use crate::store::Store;
@@ -276,6 +277,8 @@ impl Channel {
             body: unpin(incoming.body.freeze()),
         });
         let exchange = self.resolve_exchange(ctx, publish.exchange.as_str())?;
+        // Checked after the exchange lookup, as RabbitMQ does; the lead wires the value.
+        queue_args::message_expiration(&message.properties).map_err(in_publish)?;
         if let Some(tx) = self.tx.as_mut() {
             tx.publishes.push((publish, message, exchange));
             return Ok(());
@@ -579,6 +582,7 @@ impl Channel {
                 format!("attempt to reuse consumer tag '{tag}'"),
             ));
         }
+        let priority = queue_args::consumer_priority(&c.arguments, &name, &ctx.vhost.name)?;
         let id = ctx.broker.next_id();
         self.shared.add_consumer(
             tag.clone(),
@@ -595,7 +599,7 @@ impl Channel {
             self.consumer_prefetch,
             self.shared.clone(),
         )
-        .with_priority(consumer_priority(&c.arguments));
+        .with_priority(priority);
         let shared = &self.shared;
         let accepted = queue.add_consumer(consumer, || {
             if !c.nowait {
@@ -826,13 +830,4 @@ fn settle_now(mut taken: Vec<Unacked>, how: Settle) {
             Settle::Requeue => queue.requeue(items.collect()),
         }
     }
-}
-
-/// The `x-priority` consume argument (0 when absent).
-fn consumer_priority(arguments: &amq_protocol::types::FieldTable) -> i32 {
-    arguments
-        .inner()
-        .get("x-priority")
-        .and_then(crate::model::args::integer)
-        .map_or(0, |p| p.clamp(i32::MIN.into(), i32::MAX.into()) as i32)
 }

@@ -332,7 +332,7 @@ impl Connection {
             id,
             AMQPClass::Channel(channel::AMQPMethod::Close(channel::Close {
                 reply_code: error.code,
-                reply_text: truncate(&error.text).into(),
+                reply_text: truncate(&error.text).as_ref().into(),
                 class_id: error.class_id,
                 method_id: error.method_id,
             })),
@@ -398,7 +398,7 @@ fn send_connection_close(outbox: &Outbox, error: &AmqpError) {
         0,
         AMQPClass::Connection(connection::AMQPMethod::Close(connection::Close {
             reply_code: error.code,
-            reply_text: truncate(&error.text).into(),
+            reply_text: truncate(&error.text).as_ref().into(),
             class_id: error.class_id,
             method_id: error.method_id,
         })),
@@ -429,14 +429,15 @@ async fn wait_close_ok(socket: &mut OwnedReadHalf, reader: &mut FrameReader) {
     }
 }
 
-/// Reply texts are short strings: at most 255 bytes, cut at a character boundary.
-fn truncate(text: &str) -> &str {
+/// Reply texts are short strings: longer ones are cut to 252 bytes (at a
+/// character boundary) plus `...`, as RabbitMQ does.
+fn truncate(text: &str) -> std::borrow::Cow<'_, str> {
     if text.len() <= 255 {
-        return text;
+        return text.into();
     }
-    let mut end = 255;
+    let mut end = 252;
     while !text.is_char_boundary(end) {
         end -= 1;
     }
-    &text[..end]
+    format!("{}...", &text[..end]).into()
 }
