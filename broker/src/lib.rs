@@ -21,6 +21,7 @@ pub mod model;
 pub mod net;
 pub mod protocol;
 pub mod store;
+pub mod telemetry;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

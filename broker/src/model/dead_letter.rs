@@ -28,6 +28,8 @@ pub enum Reason {
 }
 
 impl Reason {
+    pub const ALL: [Reason; 3] = [Reason::Rejected, Reason::Expired, Reason::MaxLen];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Reason::Rejected => "rejected",

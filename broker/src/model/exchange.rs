@@ -5,7 +5,7 @@
 //! for topic, parsed rules for headers. Routing takes only this exchange's read lock.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use amq_protocol::types::FieldTable;
@@ -116,6 +116,19 @@ pub struct Exchange {
     pub options: ExchangeOptions,
     bindings: RwLock<BindingTable>,
     deleted: AtomicBool,
+    pub totals: ExchangeTotals,
+}
+
+/// Messages through an exchange, for metrics (relaxed counters: exact
+/// totals, no ordering needed).
+#[derive(Default)]
+pub struct ExchangeTotals {
+    /// Published to this exchange.
+    pub published_in: AtomicU64,
+    /// Routed on to at least one queue.
+    pub published_out: AtomicU64,
+    /// Routed nowhere (also counted in `published_in`).
+    pub unroutable: AtomicU64,
 }
 
 /// Queues a message reaches, each once, however many bindings lead there.
@@ -142,6 +155,7 @@ impl Exchange {
             options,
             bindings: RwLock::new(BindingTable::default()),
             deleted: AtomicBool::new(false),
+            totals: ExchangeTotals::default(),
         }
     }
 

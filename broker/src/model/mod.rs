@@ -20,6 +20,7 @@ use std::sync::Arc;
 
 use crate::config::{Config, User};
 use crate::store::{Store, StoreError};
+use crate::telemetry::Metrics;
 use timers::Timers;
 use vhost::{RecoveredVHost, VHost};
 
@@ -29,6 +30,7 @@ pub struct Broker {
     users: Vec<User>,
     next_id: AtomicU64,
     store: Option<Arc<Store>>,
+    metrics: Metrics,
 }
 
 impl Broker {
@@ -91,11 +93,20 @@ impl Broker {
             users: config.users.clone(),
             next_id: AtomicU64::new(1),
             store,
+            metrics: Metrics::new(),
         }
     }
 
     pub fn store(&self) -> Option<&Arc<Store>> {
         self.store.as_ref()
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    pub fn vhosts(&self) -> impl Iterator<Item = &Arc<VHost>> {
+        self.vhosts.values()
     }
 
     pub fn vhost(&self, name: &str) -> Option<Arc<VHost>> {

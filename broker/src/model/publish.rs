@@ -3,6 +3,7 @@
 //! many durable queues it reaches, and the hand-off to each queue. Clients'
 //! publishes, dead letters and delayed messages all take this path.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use amq_protocol::types::FieldTable;
@@ -32,6 +33,14 @@ impl VHost {
     /// Routes `message` (its own routing key and headers) and enqueues it.
     pub fn publish(&self, exchange: Option<&Arc<Exchange>>, message: Arc<Message>) -> Published {
         let route = self.route(exchange, message.routing_key.as_str(), message.headers());
+        let totals = &exchange.unwrap_or(self.default_exchange()).totals;
+        totals.published_in.fetch_add(1, Ordering::Relaxed);
+        let counter = if route.queues.is_empty() {
+            &totals.unroutable
+        } else {
+            &totals.published_out
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
         self.enqueue(&route.queues, message)
     }
 

@@ -137,6 +137,30 @@ impl Consumer {
     }
 }
 
+/// Running totals of what went through a queue, for metrics. Plain numbers
+/// kept under the queue's own lock, which every counted event already holds,
+/// so counting costs an add; exporters read them when scraped.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct QueueTotals {
+    pub published: u64,
+    pub delivered: u64,
+    pub redelivered: u64,
+    pub acked: u64,
+    pub expired: u64,
+    /// By reason: rejected, expired, maxlen.
+    pub dead_lettered: [u64; 3],
+}
+
+/// A queue's figures at one moment.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct QueueStats {
+    pub ready: u64,
+    pub ready_bytes: u64,
+    pub unacked: u64,
+    pub consumers: u64,
+    pub totals: QueueTotals,
+}
+
 /// What a queue was declared with; compared on redeclare.
 #[derive(Clone, Debug, PartialEq)]
 pub struct QueueOptions {
@@ -220,6 +244,7 @@ struct QueueState {
     timer_at: u64,
     /// Last consumer, get or declare, for `x-expires`.
     last_used: u64,
+    totals: QueueTotals,
 }
 
 impl QueueState {
@@ -236,6 +261,7 @@ impl QueueState {
             expiring: args.message_ttl.is_some(),
             timer_at: 0,
             last_used: now_ms(),
+            totals: QueueTotals::default(),
         }
     }
 
@@ -267,7 +293,11 @@ impl QueueState {
         if let Some(journal) = &queue.journal {
             journal.removed(&message);
         }
+        if reason == Reason::Expired {
+            self.totals.expired += 1;
+        }
         if queue.args.dead_letter_exchange.is_some() {
+            self.totals.dead_lettered[reason as usize] += 1;
             self.dead.push((message, reason));
         }
     }
@@ -281,7 +311,8 @@ impl QueueState {
             return true;
         };
         let consumer = &mut self.consumers[idx];
-        let (seq, on_disk) = (message.seq, message.stored.is_some());
+        let (seq, on_disk, redelivered) =
+            (message.seq, message.stored.is_some(), message.redelivered);
         if let (Some(journal), false) = (&queue.journal, consumer.no_ack) {
             journal.delivered(&message);
         }
@@ -294,6 +325,8 @@ impl QueueState {
         };
         match consumer.sink.deliver(queue, delivery) {
             Ok(()) => {
+                self.totals.delivered += 1;
+                self.totals.redelivered += u64::from(redelivered);
                 if !consumer.no_ack {
                     consumer.in_flight += 1;
                     self.unacked += 1;
@@ -525,6 +558,7 @@ impl Queue {
         }
         let seq = st.next_seq;
         st.next_seq += 1;
+        st.totals.published += 1;
         let mut queued = QueuedMessage {
             seq,
             redelivered: false,
@@ -575,6 +609,17 @@ impl Queue {
         QueueCounts {
             messages: st.ready.len() as u32,
             consumers: st.consumers.len() as u32,
+        }
+    }
+
+    pub fn stats(&self) -> QueueStats {
+        let st = self.state.lock();
+        QueueStats {
+            ready: st.ready.len() as u64,
+            ready_bytes: st.ready.bytes(),
+            unacked: u64::from(st.unacked),
+            consumers: st.consumers.len() as u64,
+            totals: st.totals,
         }
     }
 
@@ -667,6 +712,8 @@ impl Queue {
             if !no_ack {
                 st.unacked += 1;
             }
+            st.totals.delivered += 1;
+            st.totals.redelivered += u64::from(message.redelivered);
             let remaining = st.ready.len() as u32;
             break Some((message, content, remaining));
         };
@@ -688,8 +735,11 @@ impl Queue {
             st.settle_one(consumer);
             if reject {
                 st.discard(self, message, Reason::Rejected);
-            } else if let Some(journal) = &self.journal {
-                journal.removed(&message);
+            } else {
+                st.totals.acked += 1;
+                if let Some(journal) = &self.journal {
+                    journal.removed(&message);
+                }
             }
         }
         st.dispatch(self);

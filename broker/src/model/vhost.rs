@@ -59,6 +59,8 @@ pub struct VHost {
     timers: Arc<Timers>,
     /// Queues hold this to dead-letter into their vhost and to delete themselves.
     me: Weak<VHost>,
+    /// The nameless exchange, kept at hand: most publishes go to it.
+    default_exchange: Arc<Exchange>,
 }
 
 /// A queue.declare request.
@@ -98,6 +100,16 @@ impl VHost {
             store,
             timers,
             me: me.clone(),
+            default_exchange: Arc::new(Exchange::new(
+                String::new(),
+                ExchangeOptions {
+                    kind: ExchangeKind::Direct,
+                    durable: true,
+                    auto_delete: false,
+                    internal: false,
+                    arguments: FieldTable::default(),
+                },
+            )),
         });
         for (ex_name, kind) in PREDECLARED {
             let options = ExchangeOptions {
@@ -107,12 +119,31 @@ impl VHost {
                 internal: false,
                 arguments: FieldTable::default(),
             };
-            vhost.exchanges.write().insert(
-                (*ex_name).to_owned(),
-                Arc::new(Exchange::new((*ex_name).to_owned(), options)),
-            );
+            let exchange = if ex_name.is_empty() {
+                vhost.default_exchange.clone()
+            } else {
+                Arc::new(Exchange::new((*ex_name).to_owned(), options))
+            };
+            vhost
+                .exchanges
+                .write()
+                .insert((*ex_name).to_owned(), exchange);
         }
         vhost
+    }
+
+    pub(crate) fn default_exchange(&self) -> &Arc<Exchange> {
+        &self.default_exchange
+    }
+
+    /// Every queue, at this moment (for metrics).
+    pub fn queues(&self) -> Vec<Arc<Queue>> {
+        self.queues.read().values().cloned().collect()
+    }
+
+    /// Every exchange, at this moment (for metrics).
+    pub fn exchanges(&self) -> Vec<Arc<Exchange>> {
+        self.exchanges.read().values().cloned().collect()
     }
 
     pub(crate) fn store(&self) -> Option<&Arc<Store>> {
