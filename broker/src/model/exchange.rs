@@ -104,7 +104,11 @@ struct BindingTable {
 /// Declared properties of an exchange, compared on redeclare.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ExchangeOptions {
+    /// How it routes. For a delayed exchange this is its `x-delayed-type`.
     pub kind: ExchangeKind,
+    /// Declared as `x-delayed-message`: messages with a positive `x-delay`
+    /// wait in the vhost's holding area before being routed by `kind`.
+    pub delayed: bool,
     pub durable: bool,
     pub auto_delete: bool,
     pub internal: bool,
@@ -147,6 +151,17 @@ impl Route {
 
 /// Exchange-to-exchange chains deeper than this are cut (they only arise from cycles).
 const MAX_HOPS: usize = 32;
+
+impl ExchangeOptions {
+    /// The type the client declared (what redeclares compare and the store keeps).
+    pub fn type_name(&self) -> &'static str {
+        if self.delayed {
+            super::delayed::EXCHANGE_TYPE
+        } else {
+            self.kind.as_str()
+        }
+    }
+}
 
 impl Exchange {
     pub fn new(name: String, options: ExchangeOptions) -> Self {

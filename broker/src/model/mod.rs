@@ -3,6 +3,7 @@
 
 pub mod args;
 pub mod dead_letter;
+pub mod delayed;
 pub mod exchange;
 pub mod headers;
 pub mod message;
@@ -65,6 +66,9 @@ impl Broker {
                 .or_default()
                 .bindings
                 .push(b);
+        }
+        for d in recovered.delayed {
+            by_vhost.entry(d.vhost.clone()).or_default().delayed.push(d);
         }
         for (name, parts) in by_vhost {
             match broker.vhosts.get(&name) {

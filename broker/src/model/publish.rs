@@ -9,6 +9,7 @@ use std::sync::Arc;
 use amq_protocol::types::FieldTable;
 
 use super::args;
+use super::delayed;
 use super::exchange::{Exchange, Route};
 use super::message::Message;
 use super::queue::{Enqueued, Queue};
@@ -30,8 +31,23 @@ pub struct Published {
 const MAX_ALTERNATES: usize = 16;
 
 impl VHost {
-    /// Routes `message` (its own routing key and headers) and enqueues it.
+    /// Routes `message` (its own routing key and headers) and enqueues it,
+    /// or holds it first when a delayed exchange is asked to delay it.
     pub fn publish(&self, exchange: Option<&Arc<Exchange>>, message: Arc<Message>) -> Published {
+        if let Some(exchange) = exchange.filter(|e| e.options.delayed) {
+            if let Some(delay) = delayed::delay_of(&message) {
+                return self.delayed().hold(self, exchange, message, delay);
+            }
+        }
+        self.publish_now(exchange, message)
+    }
+
+    /// Routes and enqueues without delay (also for held messages come due).
+    pub fn publish_now(
+        &self,
+        exchange: Option<&Arc<Exchange>>,
+        message: Arc<Message>,
+    ) -> Published {
         let route = self.route(exchange, message.routing_key.as_str(), message.headers());
         let totals = &exchange.unwrap_or(self.default_exchange()).totals;
         totals.published_in.fetch_add(1, Ordering::Relaxed);

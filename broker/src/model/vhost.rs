@@ -8,13 +8,15 @@ use amq_protocol::types::FieldTable;
 use parking_lot::RwLock;
 
 use super::args;
+use super::delayed::{self, Delayed};
 use super::exchange::{Destination, Exchange, ExchangeKind, ExchangeOptions};
 use super::queue::{Journal, Queue, QueueCounts, QueueOptions, QueueSpec};
 use super::queue_args::{self, QueueArgs};
 use super::timers::Timers;
 use crate::error::{code, AmqpError, AmqpResult};
 use crate::store::{
-    binding_record, BindingRecord, ExchangeRecord, QueueRecord, RecoveredMessage, Store,
+    binding_record, BindingRecord, DelayedRecord, ExchangeRecord, QueueRecord, RecoveredMessage,
+    Store,
 };
 
 /// Exchanges every vhost has, which clients may use but not delete or redefine.
@@ -48,6 +50,7 @@ pub struct RecoveredVHost {
     pub exchanges: Vec<ExchangeRecord>,
     pub queues: Vec<(QueueRecord, Vec<RecoveredMessage>)>,
     pub bindings: Vec<BindingRecord>,
+    pub delayed: Vec<DelayedRecord>,
 }
 
 pub struct VHost {
@@ -57,6 +60,8 @@ pub struct VHost {
     /// Where durable definitions and messages go; `None` keeps everything in memory.
     store: Option<Arc<Store>>,
     timers: Arc<Timers>,
+    /// Messages that delayed exchanges hold until they are due.
+    delayed: Arc<Delayed>,
     /// Queues hold this to dead-letter into their vhost and to delete themselves.
     me: Weak<VHost>,
     /// The nameless exchange, kept at hand: most publishes go to it.
@@ -98,12 +103,14 @@ impl VHost {
             exchanges: RwLock::new(HashMap::new()),
             queues: RwLock::new(HashMap::new()),
             store,
+            delayed: Delayed::new(me.clone(), timers.clone()),
             timers,
             me: me.clone(),
             default_exchange: Arc::new(Exchange::new(
                 String::new(),
                 ExchangeOptions {
                     kind: ExchangeKind::Direct,
+                    delayed: false,
                     durable: true,
                     auto_delete: false,
                     internal: false,
@@ -114,6 +121,7 @@ impl VHost {
         for (ex_name, kind) in PREDECLARED {
             let options = ExchangeOptions {
                 kind: *kind,
+                delayed: false,
                 durable: true,
                 auto_delete: false,
                 internal: false,
@@ -150,9 +158,8 @@ impl VHost {
         self.store.as_ref()
     }
 
-    #[allow(dead_code)] // used by the delayed-message exchange
-    pub(crate) fn timers(&self) -> &Arc<Timers> {
-        &self.timers
+    pub(crate) fn delayed(&self) -> &Arc<Delayed> {
+        &self.delayed
     }
 
     fn no_exchange(&self, name: &str) -> AmqpError {
@@ -219,22 +226,22 @@ impl VHost {
                 "operation not permitted on the default exchange",
             ));
         }
-        let kind = ExchangeKind::parse(req.kind).ok_or_else(|| {
-            if req.kind == "x-delayed-message" {
-                // Until Hare routes this type, at least its arguments get the plugin's 406.
-                if let Err(e) =
-                    queue_args::check_exchange_args(req.kind, req.arguments, req.name, &self.name)
-                {
-                    return e;
-                }
+        let (kind, delayed) = match ExchangeKind::parse(req.kind) {
+            Some(kind) => (kind, false),
+            // A delayed exchange routes by the type its arguments name.
+            None if req.kind == delayed::EXCHANGE_TYPE => {
+                (delayed::routing_kind(req.arguments)?, true)
             }
-            AmqpError::connection(
-                code::COMMAND_INVALID,
-                format!("unknown exchange type '{}'", req.kind),
-            )
-        })?;
+            None => {
+                return Err(AmqpError::connection(
+                    code::COMMAND_INVALID,
+                    format!("unknown exchange type '{}'", req.kind),
+                ))
+            }
+        };
         let wanted = ExchangeOptions {
             kind,
+            delayed,
             durable: req.durable,
             auto_delete: req.auto_delete,
             internal: req.internal,
@@ -273,8 +280,12 @@ impl VHost {
                 existing.name, self.name
             )))
         };
+        if have.type_name() != wanted.type_name() {
+            return mismatch("type", wanted.type_name(), have.type_name());
+        }
         if have.kind != wanted.kind {
-            return mismatch("type", wanted.kind.as_str(), have.kind.as_str());
+            // Same declared type, different routing: two delayed exchanges.
+            return mismatch("x-delayed-type", wanted.kind.as_str(), have.kind.as_str());
         }
         if have.durable != wanted.durable {
             return mismatch("durable", yes_no(wanted.durable), yes_no(have.durable));
@@ -331,6 +342,9 @@ impl VHost {
             exchange.mark_deleted();
             exchange
         };
+        if exchange.options.delayed {
+            self.delayed.drop_exchange(self, &exchange);
+        }
         if exchange.options.durable {
             if let Some(store) = &self.store {
                 store.delete_exchange(&self.name, name);
@@ -664,7 +678,8 @@ impl VHost {
     }
 
     /// Rebuilds what a restart found on disk for this vhost: exchanges, then
-    /// queues with their messages, then the bindings between them.
+    /// queues with their messages, then the bindings between them, then the
+    /// messages delayed exchanges were holding.
     pub fn restore(&self, recovered: RecoveredVHost) {
         let store = self.store.clone().expect("restore needs a store");
         for record in recovered.exchanges {
@@ -723,6 +738,8 @@ impl VHost {
                 }
             }
         }
+        // Last: messages already due route at once, so their bindings must exist.
+        self.delayed.restore(self, recovered.delayed);
     }
 
     /// The default exchange takes no explicit bindings (403, as in RabbitMQ).

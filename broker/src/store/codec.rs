@@ -7,6 +7,7 @@ use amq_protocol::types::FieldTable;
 use bytes::{Buf, Bytes};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
+use crate::model::delayed;
 use crate::model::exchange::{ExchangeKind, ExchangeOptions};
 use crate::model::message::Message;
 use crate::model::queue::QueueOptions;
@@ -27,7 +28,7 @@ impl ExchangeRecord {
         ExchangeRecord {
             vhost: vhost.to_owned(),
             name: name.to_owned(),
-            kind: o.kind.as_str().to_owned(),
+            kind: o.type_name().to_owned(),
             durable: o.durable,
             auto_delete: o.auto_delete,
             internal: o.internal,
@@ -36,8 +37,15 @@ impl ExchangeRecord {
     }
 
     pub fn options(&self) -> Option<ExchangeOptions> {
+        let delayed = self.kind == delayed::EXCHANGE_TYPE;
+        let kind = if delayed {
+            delayed::routing_kind(&self.arguments).ok()?
+        } else {
+            ExchangeKind::parse(&self.kind)?
+        };
         Some(ExchangeOptions {
-            kind: ExchangeKind::parse(&self.kind)?,
+            kind,
+            delayed,
             durable: self.durable,
             auto_delete: self.auto_delete,
             internal: self.internal,
@@ -165,4 +173,36 @@ pub fn decode_message(mut bytes: Bytes) -> Option<Message> {
         raw_header,
         body: bytes,
     })
+}
+
+/// A held delayed message:
+/// `[vhost len u16][vhost][exchange len u8][exchange][message as encode_message]`
+pub fn encode_delayed(vhost: &str, exchange: &str, m: &Message) -> Vec<u8> {
+    let message = encode_message(m);
+    let (vhost, exchange) = (vhost.as_bytes(), exchange.as_bytes());
+    let mut out = Vec::with_capacity(3 + vhost.len() + exchange.len() + message.len());
+    out.extend_from_slice(&(vhost.len() as u16).to_be_bytes());
+    out.extend_from_slice(vhost);
+    out.push(exchange.len() as u8);
+    out.extend_from_slice(exchange);
+    out.extend_from_slice(&message);
+    out
+}
+
+/// (vhost, exchange, message) of a held delayed message.
+pub fn decode_delayed(mut bytes: Bytes) -> Option<(String, String, Message)> {
+    if bytes.len() < 2 {
+        return None;
+    }
+    let vhost_len = bytes.get_u16() as usize;
+    if bytes.len() < vhost_len + 1 {
+        return None;
+    }
+    let vhost = String::from_utf8(bytes.split_to(vhost_len).to_vec()).ok()?;
+    let exchange_len = bytes.get_u8() as usize;
+    if bytes.len() < exchange_len {
+        return None;
+    }
+    let exchange = String::from_utf8(bytes.split_to(exchange_len).to_vec()).ok()?;
+    Some((vhost, exchange, decode_message(bytes)?))
 }

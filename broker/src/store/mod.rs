@@ -1,10 +1,12 @@
 //! Durable state in sled: the only module that touches disk.
 //!
-//! Three trees: `defs` (exchanges, queues, bindings, format version),
+//! Four trees: `defs` (exchanges, queues, bindings, format version),
 //! `messages` (message id → exchange, routing key, content header, body; one
-//! copy however many queues hold it) and `index` (queue id + position →
+//! copy however many queues hold it), `index` (queue id + position →
 //! message id, delivered flag, expiry, priority and size; its key order is
-//! the queue order).
+//! the queue order) and `delayed` (due ms + id → vhost, exchange and the
+//! whole message: persistent messages a durable delayed exchange holds until
+//! they are due; its key order is the due order).
 //!
 //! Writes go into sled as they happen; durability comes from [`flusher`], which
 //! fsyncs once for everything written since the last flush (group commit) and
@@ -58,8 +60,10 @@ pub struct Store {
     defs: sled::Tree,
     messages: sled::Tree,
     index: sled::Tree,
+    delayed: sled::Tree,
     flusher: Flusher,
     next_message_id: AtomicU64,
+    next_delayed_id: AtomicU64,
     next_queue_id: AtomicU64,
     /// Set at shutdown so dropping in-memory queues does not delete what they hold.
     closing: AtomicBool,
@@ -71,6 +75,17 @@ pub struct Recovered {
     pub exchanges: Vec<ExchangeRecord>,
     pub queues: Vec<(QueueRecord, Vec<RecoveredMessage>)>,
     pub bindings: Vec<BindingRecord>,
+    /// Held delayed messages, in due order.
+    pub delayed: Vec<DelayedRecord>,
+}
+
+/// A delayed message found on disk, with the key it is stored under.
+pub struct DelayedRecord {
+    pub vhost: String,
+    pub exchange: String,
+    pub due_ms: u64,
+    pub id: u64,
+    pub message: Message,
 }
 
 /// One entry of a recovered queue, in queue order.
@@ -163,6 +178,13 @@ fn exchange_key(vhost: &str, name: &str) -> Vec<u8> {
     [b"e\0", vhost.as_bytes(), b"\0", name.as_bytes()].concat()
 }
 
+fn delayed_key(due_ms: u64, id: u64) -> [u8; 16] {
+    let mut key = [0u8; 16];
+    key[..8].copy_from_slice(&due_ms.to_be_bytes());
+    key[8..].copy_from_slice(&id.to_be_bytes());
+    key
+}
+
 fn index_key(queue_id: u64, position: u64) -> [u8; 16] {
     let mut key = [0u8; 16];
     key[..8].copy_from_slice(&queue_id.to_be_bytes());
@@ -241,18 +263,29 @@ impl Store {
         let defs = open_tree("defs")?;
         let messages = open_tree("messages")?;
         let index = open_tree("index")?;
+        let delayed = open_tree("delayed")?;
         let next_message_id = match messages.last().map_err(|e| sled_error(dir, e))? {
             Some((key, _)) => u64_from(&key) + 1,
             None => 1,
         };
+        // Keys are due-ordered, so the highest id takes a scan (of few entries).
+        let mut next_delayed_id = 1;
+        for key in delayed.iter().keys() {
+            let key = key.map_err(|e| sled_error(dir, e))?;
+            if key.len() == 16 {
+                next_delayed_id = next_delayed_id.max(u64_from(&key[8..]) + 1);
+            }
+        }
         let flusher = Flusher::start(db.clone());
         Ok(Arc::new(Store {
             db,
             defs,
             messages,
             index,
+            delayed,
             flusher,
             next_message_id: AtomicU64::new(next_message_id),
+            next_delayed_id: AtomicU64::new(next_delayed_id),
             next_queue_id: AtomicU64::new(1),
             closing: AtomicBool::new(false),
         }))
@@ -312,6 +345,20 @@ impl Store {
                 });
             }
             recovered.queues.push((record, entries));
+        }
+        for item in self.delayed.iter() {
+            let (key, value) = item.map_err(|e| corrupt(e.to_string()))?;
+            let decoded = codec::decode_delayed(Bytes::from(value.to_vec()));
+            let (Some((vhost, exchange, message)), 16) = (decoded, key.len()) else {
+                return Err(corrupt("malformed delayed message".into()));
+            };
+            recovered.delayed.push(DelayedRecord {
+                vhost,
+                exchange,
+                due_ms: u64_from(&key[..8]),
+                id: u64_from(&key[8..]),
+                message,
+            });
         }
         Ok(recovered)
     }
@@ -398,6 +445,31 @@ impl Store {
 
     pub fn index_remove(&self, queue_id: u64, position: u64) {
         let _ = self.index.remove(index_key(queue_id, position));
+    }
+
+    // ---- delayed messages ---------------------------------------------------------
+
+    /// Writes a message a delayed exchange holds until `due_ms`; returns its id.
+    pub fn hold_delayed(&self, vhost: &str, exchange: &str, due_ms: u64, message: &Message) -> u64 {
+        let id = self.next_delayed_id.fetch_add(1, Ordering::Relaxed);
+        if let Err(error) = self.delayed.insert(
+            delayed_key(due_ms, id),
+            codec::encode_delayed(vhost, exchange, message),
+        ) {
+            tracing::error!(%error, "could not persist a delayed message");
+        }
+        id
+    }
+
+    /// Forgets a held delayed message (routed, or its exchange deleted).
+    pub fn release_delayed(&self, due_ms: u64, id: u64) {
+        let _ = self.delayed.remove(delayed_key(due_ms, id));
+    }
+
+    /// How many delayed messages are on disk.
+    #[cfg(test)]
+    pub(crate) fn delayed_len(&self) -> usize {
+        self.delayed.len()
     }
 
     // ---- durability ---------------------------------------------------------------
