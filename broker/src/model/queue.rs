@@ -114,6 +114,16 @@ pub struct QueueOptions {
     pub arguments: FieldTable,
 }
 
+impl QueueOptions {
+    /// The queue's `x-consumer-timeout` argument (integer milliseconds > 0):
+    /// how long its manual-ack deliveries may stay unacknowledged.
+    pub fn consumer_timeout(&self) -> Option<std::time::Duration> {
+        let value = self.arguments.inner().get("x-consumer-timeout")?;
+        let ms = super::args::integer(value)?;
+        (ms > 0).then(|| std::time::Duration::from_millis(ms.min(u64::MAX as i128) as u64))
+    }
+}
+
 /// A durable queue's record in the store.
 pub struct Journal {
     pub store: Arc<Store>,
