@@ -7,8 +7,8 @@
 
 use std::net::SocketAddr;
 
-pub use hare_broker::config::Config;
-use hare_broker::RunningBroker;
+pub use hare_broker::config::{Config, MemoryWatermark};
+pub use hare_broker::RunningBroker;
 
 /// A broker for one test: Hare on 127.0.0.1:0 unless `HARE_TEST_URL` points elsewhere.
 pub struct TestBroker {
@@ -101,6 +101,12 @@ impl TestBroker {
     /// True when the tests run against Hare itself (not `HARE_TEST_URL`).
     pub fn is_hare(&self) -> bool {
         self._running.is_some()
+    }
+
+    /// The in-process Hare broker (`None` for `HARE_TEST_URL`), for tests that
+    /// change its settings at run time, such as the alarm thresholds.
+    pub fn hare(&self) -> Option<&RunningBroker> {
+        self._running.as_ref()
     }
 
     /// Opens a lapin connection to this broker.

@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use crate::alarms::{parse_bytes, Alarms, MemoryWatermark};
 use crate::config::Config;
 use clap::Parser;
 
@@ -34,6 +35,22 @@ struct Args {
     /// Largest message body accepted, in bytes.
     #[arg(long, env = "HARE_MAX_MESSAGE_SIZE", default_value_t = 134_217_728)]
     max_message_size: u64,
+    /// Memory alarm threshold for the broker's resident memory: a fraction of
+    /// total RAM (0.4) or a size with a unit (2GB, 1536MiB, 1000000B).
+    #[arg(long, env = "HARE_MEMORY_HIGH_WATERMARK", default_value = "0.4", value_parser = parse_watermark)]
+    memory_high_watermark: MemoryWatermark,
+    /// Disk alarm threshold: free space on the data dir's file system, in
+    /// bytes or with a unit (50MB, 1GiB).
+    #[arg(long, env = "HARE_DISK_FREE_LIMIT", default_value = "50MB", value_parser = parse_bytes)]
+    disk_free_limit: u64,
+    /// Close a channel whose manual-ack delivery stays unacknowledged longer
+    /// than this many milliseconds (0 disables; queues override it with x-consumer-timeout).
+    #[arg(long, env = "HARE_CONSUMER_TIMEOUT", default_value_t = 1_800_000)]
+    consumer_timeout: u64,
+}
+
+fn parse_watermark(s: &str) -> Result<MemoryWatermark, String> {
+    s.parse()
 }
 
 /// Runs the broker as the `hare` binary does, until SIGINT/SIGTERM.
@@ -52,6 +69,10 @@ pub fn main() -> std::io::Result<()> {
         heartbeat: std::time::Duration::from_secs(args.heartbeat),
         max_message_size: args.max_message_size,
         store_cache_bytes: args.store_cache_mb * 1024 * 1024,
+        memory_high_watermark: args.memory_high_watermark,
+        disk_free_limit: args.disk_free_limit,
+        consumer_timeout: (args.consumer_timeout > 0)
+            .then(|| std::time::Duration::from_millis(args.consumer_timeout)),
         ..Config::default()
     };
     if config.frame_max < 4096 {
@@ -71,6 +92,13 @@ pub fn main() -> std::io::Result<()> {
         }
     };
     let store = broker.store().cloned();
+    let alarms = Alarms::new(&config);
+    tracing::info!(
+        memory_limit = alarms.memory_limit_bytes(),
+        watermark = %config.memory_high_watermark,
+        disk_free_limit = config.disk_free_limit,
+        "resource alarms armed"
+    );
     // Kept alive past serve(): the store must be closed before queues drop.
     let _model = broker.clone();
     runtime.block_on(async move {
@@ -82,7 +110,7 @@ pub fn main() -> std::io::Result<()> {
             tracing::info!("stopping: closing connections");
             let _ = stop.send(true);
         });
-        crate::net::serve(listener, broker, Arc::new(config), stopped).await;
+        crate::net::serve(listener, broker, Arc::new(config), alarms, stopped).await;
         Ok::<_, std::io::Error>(())
     })?;
     if let Some(store) = store {

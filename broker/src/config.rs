@@ -5,6 +5,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+pub use crate::alarms::MemoryWatermark;
+
 /// Everything the broker needs to know before it accepts a connection.
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -29,6 +31,18 @@ pub struct Config {
     pub store_cache_bytes: u64,
     /// How long connections get at shutdown to receive their 320 close.
     pub shutdown_grace: Duration,
+    /// Above this resident memory the memory alarm blocks publishers
+    /// (RabbitMQ's `vm_memory_high_watermark`, 0.4 of total RAM).
+    pub memory_high_watermark: MemoryWatermark,
+    /// Below this many free bytes on the data dir's file system the disk
+    /// alarm blocks publishers (RabbitMQ's `disk_free_limit`, 50 MB).
+    pub disk_free_limit: u64,
+    /// How often memory and disk are sampled for the alarms.
+    pub resource_check_interval: Duration,
+    /// A manual-ack delivery unacknowledged for longer closes its channel with
+    /// 406 (RabbitMQ's `consumer_timeout`, 30 minutes); `None` disables it.
+    /// A queue's `x-consumer-timeout` argument (ms) overrides it.
+    pub consumer_timeout: Option<Duration>,
 }
 
 /// A user account. `loopback_only` mirrors RabbitMQ's `loopback_users` for guest.
@@ -56,6 +70,10 @@ impl Default for Config {
             vhosts: vec!["/".into()],
             store_cache_bytes: 16 * 1024 * 1024,
             shutdown_grace: Duration::from_secs(5),
+            memory_high_watermark: MemoryWatermark::Relative(0.4),
+            disk_free_limit: 50_000_000,
+            resource_check_interval: Duration::from_secs(1),
+            consumer_timeout: Some(Duration::from_secs(30 * 60)),
         }
     }
 }

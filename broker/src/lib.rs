@@ -11,9 +11,11 @@
 //! - [`model`]     — vhosts, exchanges and their routing tables, queues with their
 //!   ready/unacked messages and consumers. Pure logic: no sockets, no disk.
 //! - [`store`]     — the boundary to durable storage (sled arrives with durability).
+//! - [`alarms`]    — memory and disk alarms that block publishers (back pressure).
 //!
 //! `model` decides, `protocol` speaks, `store` remembers.
 
+pub mod alarms;
 pub mod cli;
 pub mod config;
 pub mod error;
@@ -33,6 +35,7 @@ use tokio::sync::watch;
 /// Dropping it stops the broker: the listener closes and every connection is dropped.
 pub struct RunningBroker {
     local_addr: SocketAddr,
+    alarms: Arc<alarms::Alarms>,
     shutdown: watch::Sender<bool>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -45,6 +48,8 @@ impl RunningBroker {
         let listener = std::net::TcpListener::bind(config.listen)?;
         listener.set_nonblocking(true)?;
         let local_addr = listener.local_addr()?;
+        let alarms = alarms::Alarms::new(&config);
+        let serve_alarms = alarms.clone();
         let (shutdown, shutdown_rx) = watch::channel(false);
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -58,7 +63,14 @@ impl RunningBroker {
                 runtime.block_on(async move {
                     let listener = tokio::net::TcpListener::from_std(listener)
                         .expect("listener registers with the runtime");
-                    net::serve(listener, broker, Arc::new(config), shutdown_rx).await;
+                    net::serve(
+                        listener,
+                        broker,
+                        Arc::new(config),
+                        serve_alarms,
+                        shutdown_rx,
+                    )
+                    .await;
                 });
                 // Closed before the model is dropped: dropping queues must not
                 // delete the persistent messages they hold.
@@ -69,6 +81,7 @@ impl RunningBroker {
             })?;
         Ok(RunningBroker {
             local_addr,
+            alarms,
             shutdown,
             thread: Some(thread),
         })
@@ -77,6 +90,23 @@ impl RunningBroker {
     /// The address the listener is bound to (useful with port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The resource alarms: current state, last samples, thresholds.
+    pub fn alarms(&self) -> &Arc<alarms::Alarms> {
+        &self.alarms
+    }
+
+    /// Changes the memory high watermark while running; the monitor samples
+    /// the real RSS against it at once (e.g. `Absolute(1)` raises the alarm).
+    pub fn set_memory_high_watermark(&self, watermark: config::MemoryWatermark) {
+        self.alarms.set_memory_high_watermark(watermark);
+    }
+
+    /// Changes the disk free limit (bytes) while running; the monitor samples
+    /// the real free space against it at once (`u64::MAX` raises the alarm).
+    pub fn set_disk_free_limit(&self, bytes: u64) {
+        self.alarms.set_disk_free_limit(bytes);
     }
 }
 

@@ -9,24 +9,39 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
+use crate::alarms::Alarms;
 use crate::config::Config;
 use crate::model::Broker;
 use crate::protocol::connection;
 
 /// Accepts connections until `shutdown` turns true, then waits for them to close.
+/// The resource monitor behind `alarms` runs for as long.
 pub async fn serve(
     listener: TcpListener,
     broker: Arc<Broker>,
     config: Arc<Config>,
+    alarms: Arc<Alarms>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let monitor = tokio::spawn(
+        alarms
+            .clone()
+            .monitor(config.resource_check_interval, shutdown.clone()),
+    );
     let mut connections = JoinSet::new();
     loop {
         while connections.try_join_next().is_some() {}
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
-                    let task = connection::serve(stream, peer, broker.clone(), config.clone(), shutdown.clone());
+                    let task = connection::serve(
+                        stream,
+                        peer,
+                        broker.clone(),
+                        config.clone(),
+                        alarms.clone(),
+                        shutdown.clone(),
+                    );
                     connections.spawn(task);
                 }
                 Err(error) => {
@@ -39,6 +54,7 @@ pub async fn serve(
         }
     }
     drop(listener);
+    monitor.abort();
     let all_closed = async { while connections.join_next().await.is_some() {} };
     if tokio::time::timeout(config.shutdown_grace, all_closed)
         .await

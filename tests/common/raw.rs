@@ -104,6 +104,8 @@ pub struct Handshake {
     pub heartbeat: u16,
     /// Announce `authentication_failure_close` so a refused login gets a close frame.
     pub auth_failure_close: bool,
+    /// Announce `connection.blocked` to hear about resource alarms.
+    pub connection_blocked: bool,
 }
 
 impl Default for Handshake {
@@ -116,6 +118,7 @@ impl Default for Handshake {
             frame_max: None,
             heartbeat: 0,
             auth_failure_close: true,
+            connection_blocked: false,
         }
     }
 }
@@ -161,12 +164,17 @@ impl Raw {
             "product".into(),
             AMQPValue::LongString("hare raw test client".into()),
         );
+        let mut caps = FieldTable::default();
         if opts.auth_failure_close {
-            let mut caps = FieldTable::default();
             caps.insert(
                 "authentication_failure_close".into(),
                 AMQPValue::Boolean(true),
             );
+        }
+        if opts.connection_blocked {
+            caps.insert("connection.blocked".into(), AMQPValue::Boolean(true));
+        }
+        if !caps.inner().is_empty() {
             client_properties.insert("capabilities".into(), AMQPValue::FieldTable(caps));
         }
         let response = format!("\0{}\0{}", opts.user, opts.password);

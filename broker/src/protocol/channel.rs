@@ -4,6 +4,7 @@
 //! lives in [`ChannelShared`].
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use amq_protocol::protocol::{
     basic, channel, confirm, exchange, queue, tx, AMQPClass, BasicProperties,
@@ -18,7 +19,7 @@ use crate::error::{code, AmqpError, AmqpResult};
 use crate::model::exchange::Exchange;
 use crate::model::message::Message;
 use crate::model::publish::Published;
-use crate::model::queue::{Consumer, QueueOptions};
+use crate::model::queue::{Consumer, Queue, QueueOptions};
 use crate::model::queue_args;
 use crate::model::vhost::{generated_name, ExchangeDeclare, QueueDeclare, VHost};
 use crate::model::Broker;
@@ -124,6 +125,26 @@ pub struct Channel {
     last_exchange: Option<Arc<Exchange>>,
     /// Queue name that an empty queue name refers to (AMQP's "current queue").
     last_queue: Option<String>,
+    /// The shortest consumer timeout among this channel's manual-ack
+    /// consumers and gets so far; `None` while nothing needs watching.
+    pub ack_timeout_floor: Option<Duration>,
+}
+
+/// What the consumer-timeout check found on a channel.
+pub enum AckWatch {
+    /// Nothing to watch: no consumers and no outstanding deliveries.
+    Idle,
+    /// Keep checking; no timeout is shorter than this.
+    Watching(Duration),
+    /// A delivery is overdue; the channel must close with this error.
+    Overdue(AmqpError),
+}
+
+/// How long a manual-ack delivery from `queue` may stay unacknowledged: the
+/// queue's `x-consumer-timeout`, else the broker's `consumer_timeout`.
+pub fn consumer_timeout(queue: &Queue, config: &Config) -> Option<Duration> {
+    let own = queue.args.consumer_timeout.filter(|&ms| ms > 0);
+    own.map(Duration::from_millis).or(config.consumer_timeout)
 }
 
 const EXPECTED_HEADER: &str =
@@ -156,6 +177,41 @@ impl Channel {
             consumer_prefetch: 0,
             last_exchange: None,
             last_queue: None,
+            ack_timeout_floor: None,
+        }
+    }
+
+    fn watch_ack_timeout(&mut self, queue: &Queue, config: &Config) {
+        if let Some(timeout) = consumer_timeout(queue, config) {
+            self.ack_timeout_floor =
+                Some(self.ack_timeout_floor.map_or(timeout, |f| f.min(timeout)));
+        }
+    }
+
+    /// The consumer timeout check (on the connection's coarse tick): is a
+    /// delivery of this channel unacknowledged for longer than its timeout?
+    pub fn check_ack_timeout(&mut self, now: Instant, config: &Config) -> AckWatch {
+        let Some(floor) = self.ack_timeout_floor else {
+            return AckWatch::Idle;
+        };
+        if self.closing {
+            return AckWatch::Idle;
+        }
+        let overdue = self
+            .shared
+            .overdue(now, floor, |queue| consumer_timeout(queue, config));
+        match overdue {
+            Some(timeout) => AckWatch::Overdue(AmqpError::precondition(format!(
+                "delivery acknowledgement on channel {} timed out. Timeout value used: {} ms. \
+                 This timeout value can be configured, see consumers doc guide to learn more",
+                self.id(),
+                timeout.as_millis()
+            ))),
+            None if self.shared.may_have_deliveries() => AckWatch::Watching(floor),
+            None => {
+                self.ack_timeout_floor = None;
+                AckWatch::Idle
+            }
         }
     }
 
@@ -613,6 +669,8 @@ impl Channel {
         });
         if accepted.is_err() {
             self.shared.remove_consumer(&tag);
+        } else if !c.no_ack {
+            self.watch_ack_timeout(&queue, ctx.config);
         }
         accepted
     }
@@ -627,9 +685,13 @@ impl Channel {
         let name = self.queue_name(&g.queue)?;
         let queue = ctx.vhost.queue(&name, ctx.connection_id)?;
         match queue.get(g.no_ack) {
-            Some((message, content, remaining)) => self
-                .shared
-                .send_get_ok(&queue, message, content, remaining, g.no_ack),
+            Some((message, content, remaining)) => {
+                if !g.no_ack {
+                    self.watch_ack_timeout(&queue, ctx.config);
+                }
+                self.shared
+                    .send_get_ok(&queue, message, content, remaining, g.no_ack)
+            }
             None => self.reply(AMQPClass::Basic(basic::AMQPMethod::GetEmpty(
                 basic::GetEmpty {},
             ))),

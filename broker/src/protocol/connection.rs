@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use amq_protocol::protocol::{channel, connection, AMQPClass};
 use tokio::io::AsyncReadExt;
@@ -13,10 +13,11 @@ use tokio::net::tcp::OwnedReadHalf;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
-use super::channel::{no_content_expected, Channel, Context};
+use super::channel::{no_content_expected, AckWatch, Channel, Context};
 use super::frames::{FrameReader, Inbound};
 use super::handshake::{self, Refused, Session};
 use super::outbox::{run_writer, Outbox};
+use crate::alarms::Alarms;
 use crate::config::Config;
 use crate::error::{code, AmqpError, Scope};
 use crate::model::Broker;
@@ -33,6 +34,7 @@ pub async fn serve(
     peer: SocketAddr,
     broker: Arc<Broker>,
     config: Arc<Config>,
+    alarms: Arc<Alarms>,
     shutdown: watch::Receiver<bool>,
 ) {
     let _ = stream.set_nodelay(true);
@@ -58,6 +60,9 @@ pub async fn serve(
                 outbox: outbox.clone(),
                 channels: HashMap::new(),
                 confirm_pending: Vec::new(),
+                alarms,
+                ack_check_period: None,
+                next_ack_check: None,
             };
             conn.run(&mut socket, &mut reader, shutdown).await;
             conn.release_everything();
@@ -89,6 +94,33 @@ struct Connection {
     channels: HashMap<u16, Channel>,
     /// Channels that completed publishes in confirm mode during this read batch.
     confirm_pending: Vec<u16>,
+    /// Memory and disk alarms: a publisher is blocked while one is on.
+    alarms: Arc<Alarms>,
+    /// How often outstanding deliveries are checked against their consumer
+    /// timeout; `None` while no channel has manual-ack consumers or gets.
+    ack_check_period: Option<Duration>,
+    next_ack_check: Option<tokio::time::Instant>,
+}
+
+/// The consumer-timeout check is coarse: a quarter of the shortest timeout,
+/// between 10 ms and 1 s (RabbitMQ checks once per channel tick).
+fn ack_check_period(shortest_timeout: Duration) -> Duration {
+    (shortest_timeout / 4).clamp(Duration::from_millis(10), Duration::from_secs(1))
+}
+
+/// Fires at `at`, or never.
+async fn tick_at(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn shutdown_error() -> AmqpError {
+    AmqpError::connection(
+        code::CONNECTION_FORCED,
+        "broker forced connection closure with reason 'shutdown'",
+    )
 }
 
 /// How handling a frame left the connection.
@@ -107,25 +139,43 @@ impl Connection {
     ) {
         // A peer silent for two heartbeat intervals is gone (RabbitMQ's rule).
         let silence_limit = (!self.session.heartbeat.is_zero()).then(|| self.session.heartbeat * 2);
+        let mut heard_at = tokio::time::Instant::now();
         loop {
+            let mut publish_under_alarm = false;
             loop {
                 let frame = match reader.next_frame() {
                     Ok(Some(frame)) => frame,
                     Ok(None) => break,
                     Err(error) => return self.close_with(error, socket, reader).await,
                 };
+                let content = matches!(frame, Inbound::Header { .. } | Inbound::Body(..));
                 match self.handle(frame) {
                     Ok(Flow::Continue) => {}
                     Ok(Flow::Done) => return,
                     Err(error) => return self.close_with(error, socket, reader).await,
                 }
+                // As RabbitMQ: a connection is blocked when publish content
+                // arrives while an alarm is on; the frames after it wait.
+                if content && self.alarms.any() {
+                    publish_under_alarm = true;
+                    break;
+                }
             }
             self.flush_confirms();
+            if publish_under_alarm {
+                if !self.stay_blocked(&mut shutdown).await {
+                    return self.close_with(shutdown_error(), socket, reader).await;
+                }
+                // Not reading was our doing: the client's silence does not count.
+                heard_at = tokio::time::Instant::now();
+                continue;
+            }
             // A client that does not read our replies stops being read: TCP then
             // pushes back on it instead of our memory growing.
             while self.outbox.is_backed_up() {
                 tokio::select! {
                     _ = self.outbox.drained() => self.poke_all_consumers(),
+                    _ = tick_at(self.next_ack_check) => self.check_ack_timeouts(),
                     _ = shutdown.changed() => return,
                 }
             }
@@ -133,7 +183,7 @@ impl Connection {
             let outcome = tokio::select! {
                 r = async {
                     match silence_limit {
-                        Some(limit) => tokio::time::timeout(limit, read).await.ok(),
+                        Some(limit) => tokio::time::timeout_at(heard_at + limit, read).await.ok(),
                         None => Some(read.await),
                     }
                 } => r,
@@ -141,16 +191,16 @@ impl Connection {
                     self.poke_all_consumers();
                     continue;
                 }
+                _ = tick_at(self.next_ack_check) => {
+                    self.check_ack_timeouts();
+                    continue;
+                }
                 _ = shutdown.changed() => {
-                    let error = AmqpError::connection(
-                        code::CONNECTION_FORCED,
-                        "broker forced connection closure with reason 'shutdown'",
-                    );
-                    return self.close_with(error, socket, reader).await;
+                    return self.close_with(shutdown_error(), socket, reader).await;
                 }
             };
             match outcome {
-                Some(Ok(n)) if n > 0 => {}
+                Some(Ok(n)) if n > 0 => heard_at = tokio::time::Instant::now(),
                 Some(Ok(_)) | Some(Err(_)) => return,
                 None => {
                     tracing::info!(
@@ -161,6 +211,69 @@ impl Connection {
                 }
             }
         }
+    }
+
+    /// RabbitMQ's blocked state: nothing is read from the client until every
+    /// alarm has cleared, but deliveries, the consumer timeout and shutdown go
+    /// on. Announced with connection.blocked / unblocked to clients that
+    /// asked for them. False when the broker shuts down meanwhile.
+    async fn stay_blocked(&mut self, shutdown: &mut watch::Receiver<bool>) -> bool {
+        use connection::AMQPMethod as C;
+        let mut alarms = self.alarms.subscribe();
+        let state = *alarms.borrow_and_update();
+        if !state.any() {
+            return true;
+        }
+        tracing::debug!(connection = self.id, reason = %state.blocked_reason(), "publisher blocked");
+        let notify = self.session.blocked_notify;
+        if notify {
+            self.outbox.send_method(
+                0,
+                AMQPClass::Connection(C::Blocked(connection::Blocked {
+                    reason: state.blocked_reason().into(),
+                })),
+            );
+        }
+        while alarms.borrow_and_update().any() {
+            tokio::select! {
+                changed = alarms.changed() => if changed.is_err() { break },
+                _ = self.outbox.drained() => self.poke_all_consumers(),
+                _ = tick_at(self.next_ack_check) => self.check_ack_timeouts(),
+                _ = shutdown.changed() => return false,
+            }
+        }
+        tracing::debug!(connection = self.id, "publisher unblocked");
+        if notify {
+            self.outbox.send_method(
+                0,
+                AMQPClass::Connection(C::Unblocked(connection::Unblocked {})),
+            );
+        }
+        true
+    }
+
+    /// The consumer timeout: closes every channel with a delivery that stayed
+    /// unacknowledged for too long (406, its unacked messages requeued), and
+    /// schedules the next check while any channel still has something to watch.
+    fn check_ack_timeouts(&mut self) {
+        let now = Instant::now();
+        let mut shortest: Option<Duration> = None;
+        let mut overdue = Vec::new();
+        for (&id, ch) in self.channels.iter_mut() {
+            match ch.check_ack_timeout(now, &self.config) {
+                AckWatch::Idle => {}
+                AckWatch::Watching(t) => shortest = Some(shortest.map_or(t, |s| s.min(t))),
+                AckWatch::Overdue(error) => overdue.push((id, error)),
+            }
+        }
+        for (id, error) in overdue {
+            tracing::warn!(connection = self.id, channel = id, %error, "consumer timed out waiting for delivery acknowledgement");
+            self.close_channel(id, &error);
+        }
+        self.ack_check_period = shortest.map(ack_check_period);
+        self.next_ack_check = self
+            .ack_check_period
+            .map(|period| tokio::time::Instant::now() + period);
     }
 
     fn handle(&mut self, frame: Inbound) -> Result<Flow, AmqpError> {
@@ -291,6 +404,14 @@ impl Connection {
                 method => {
                     ch.check_not_in_content()?;
                     ch.on_method(&ctx, method)?;
+                    // A manual-ack consume or get starts the consumer-timeout check.
+                    if let Some(shortest) = ch.ack_timeout_floor {
+                        let period = ack_check_period(shortest);
+                        if self.ack_check_period.is_none_or(|p| period < p) {
+                            self.ack_check_period = Some(period);
+                            self.next_ack_check = Some(tokio::time::Instant::now() + period);
+                        }
+                    }
                 }
             },
             Inbound::Header {

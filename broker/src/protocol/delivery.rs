@@ -5,6 +5,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use amq_protocol::protocol::{basic, AMQPClass};
 use amq_protocol::types::ShortString;
@@ -23,6 +24,9 @@ pub struct Unacked {
     /// `None` for basic.get, which no consumer's prefetch counts.
     pub consumer: Option<u64>,
     pub message: QueuedMessage,
+    /// When it was sent, for the consumer timeout. Deliveries are kept in
+    /// order, so the oldest is at the front.
+    pub delivered_at: Instant,
 }
 
 /// A consumer registered on this channel.
@@ -212,6 +216,36 @@ impl ChannelShared {
         Ok(taken)
     }
 
+    /// Whether the channel has consumers or outstanding deliveries, i.e.
+    /// whether the consumer timeout still needs watching.
+    pub fn may_have_deliveries(&self) -> bool {
+        let st = self.state.lock();
+        !st.unacked.is_empty() || !st.consumers.is_empty()
+    }
+
+    /// The timeout of the first outstanding delivery older than its timeout,
+    /// if any. Every timeout is at least `floor`, so the scan stops at the
+    /// first delivery younger than that: usually the front one.
+    pub fn overdue(
+        &self,
+        now: Instant,
+        floor: Duration,
+        timeout_of: impl Fn(&Queue) -> Option<Duration>,
+    ) -> Option<Duration> {
+        let st = self.state.lock();
+        for u in &st.unacked {
+            let age = now.saturating_duration_since(u.delivered_at);
+            if age <= floor {
+                break;
+            }
+            match timeout_of(&u.queue) {
+                Some(timeout) if age > timeout => return Some(timeout),
+                _ => {}
+            }
+        }
+        None
+    }
+
     /// Every outstanding delivery (basic.recover).
     pub fn take_all(&self) -> Vec<Unacked> {
         let mut st = self.state.lock();
@@ -250,6 +284,7 @@ impl ChannelShared {
                 queue: queue.clone(),
                 consumer: None,
                 message,
+                delivered_at: Instant::now(),
             });
         }
     }
@@ -305,6 +340,7 @@ impl DeliverySink for ChannelShared {
                 queue: queue.clone(),
                 consumer: Some(delivery.consumer_id),
                 message: delivery.message,
+                delivered_at: Instant::now(),
             });
         }
         Ok(())

@@ -27,6 +27,8 @@ pub struct Session {
     pub heartbeat: Duration,
     /// Client capabilities we act on.
     pub cancel_notify: bool,
+    /// The client understands connection.blocked / unblocked.
+    pub blocked_notify: bool,
 }
 
 /// Why a handshake ended without a session.
@@ -144,6 +146,7 @@ pub async fn run(
         frame_max,
         heartbeat,
         cancel_notify: flag("consumer_cancel_notify"),
+        blocked_notify: flag("connection.blocked"),
     })
 }
 
