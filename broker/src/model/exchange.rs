@@ -149,7 +149,8 @@ impl Route {
     }
 }
 
-/// Exchange-to-exchange chains deeper than this are cut (they only arise from cycles).
+/// Exchange-to-exchange and alternate-exchange chains deeper than this are
+/// cut (they only arise from cycles).
 const MAX_HOPS: usize = 32;
 
 impl ExchangeOptions {
@@ -265,18 +266,37 @@ impl Exchange {
     }
 
     /// Collects the queues a message with this key and these headers reaches.
-    pub fn route(&self, routing_key: &str, headers: Option<&FieldTable>, route: &mut Route) {
-        let mut visited: Vec<*const Exchange> = Vec::new();
-        self.route_hop(routing_key, headers, route, &mut visited);
-    }
-
-    fn route_hop(
+    /// Every exchange on the way whose own bindings match nothing passes the
+    /// message to its `alternate-exchange` (looked up with `alternates`), as
+    /// in RabbitMQ: one that forwarded it to another exchange did route it,
+    /// even if nothing downstream takes it.
+    pub fn route(
         &self,
         routing_key: &str,
         headers: Option<&FieldTable>,
         route: &mut Route,
-        visited: &mut Vec<*const Exchange>,
+        alternates: &dyn Fn(&str) -> Option<Arc<Exchange>>,
     ) {
+        let mut visited: Vec<*const Exchange> = Vec::new();
+        let hop = Hop {
+            routing_key,
+            headers,
+            alternates,
+        };
+        self.route_hop(&hop, route, &mut visited);
+    }
+
+    /// The `alternate-exchange` argument, read only when nothing matched.
+    fn alternate(&self) -> Option<String> {
+        self.options
+            .arguments
+            .inner()
+            .get("alternate-exchange")
+            .and_then(super::args::text)
+    }
+
+    fn route_hop(&self, hop: &Hop<'_>, route: &mut Route, visited: &mut Vec<*const Exchange>) {
+        let (routing_key, headers) = (hop.routing_key, hop.headers);
         // `visited` holds the chain of exchanges that forwarded here; it only
         // grows (and allocates) when a message actually crosses an e2e binding.
         let me = self as *const Exchange;
@@ -284,11 +304,15 @@ impl Exchange {
             return;
         }
         let mut onward: Vec<Arc<Exchange>> = Vec::new();
+        let mut matched = false;
         {
             let table = self.bindings.read();
-            let mut take = |d: &Destination| match d {
-                Destination::Queue(q) => route.add(q),
-                Destination::Exchange(e) => onward.push(e.clone()),
+            let mut take = |d: &Destination| {
+                matched = true;
+                match d {
+                    Destination::Queue(q) => route.add(q),
+                    Destination::Exchange(e) => onward.push(e.clone()),
+                }
             };
             match self.options.kind {
                 ExchangeKind::Direct => {
@@ -318,13 +342,23 @@ impl Exchange {
                 }
             }
         }
+        if !matched {
+            onward.extend(self.alternate().and_then(|name| (hop.alternates)(&name)));
+        }
         if !onward.is_empty() {
             visited.push(me);
         }
         for exchange in onward {
             if !exchange.is_deleted() {
-                exchange.route_hop(routing_key, headers, route, visited);
+                exchange.route_hop(hop, route, visited);
             }
         }
     }
+}
+
+/// What stays the same across one message's hops.
+struct Hop<'a> {
+    routing_key: &'a str,
+    headers: Option<&'a FieldTable>,
+    alternates: &'a dyn Fn(&str) -> Option<Arc<Exchange>>,
 }

@@ -8,7 +8,6 @@ use std::sync::Arc;
 
 use amq_protocol::types::FieldTable;
 
-use super::args;
 use super::delayed;
 use super::exchange::{Exchange, Route};
 use super::message::Message;
@@ -26,9 +25,6 @@ pub struct Published {
     /// A full queue with `x-overflow: reject-publish` refused it: nack.
     pub rejected: bool,
 }
-
-/// Alternate-exchange chains longer than this only arise from cycles.
-const MAX_ALTERNATES: usize = 16;
 
 impl VHost {
     /// Routes `message` (its own routing key and headers) and enqueues it,
@@ -70,26 +66,11 @@ impl VHost {
         headers: Option<&FieldTable>,
     ) -> Route {
         let mut route = Route::default();
-        let Some(first) = exchange else {
-            route.queues.extend(self.queue_for_publish(routing_key));
-            return route;
-        };
-        first.route(routing_key, headers, &mut route);
-        let mut current = first.clone();
-        let mut visited: Vec<String> = Vec::new();
-        while route.queues.is_empty() && visited.len() < MAX_ALTERNATES {
-            let Some(name) = alternate_exchange(&current) else {
-                break;
-            };
-            if visited.contains(&name) || name == first.name {
-                break;
-            }
-            let Ok(next) = self.exchange(&name) else {
-                break;
-            };
-            next.route(routing_key, headers, &mut route);
-            visited.push(name);
-            current = next;
+        match exchange {
+            None => route.queues.extend(self.queue_for_publish(routing_key)),
+            Some(x) => x.route(routing_key, headers, &mut route, &|name| {
+                self.exchange(name).ok()
+            }),
         }
         route
     }
@@ -137,13 +118,4 @@ impl VHost {
         }
         outcome
     }
-}
-
-fn alternate_exchange(exchange: &Exchange) -> Option<String> {
-    exchange
-        .options
-        .arguments
-        .inner()
-        .get("alternate-exchange")
-        .and_then(args::text)
 }

@@ -384,9 +384,15 @@ impl QueueState {
                 .is_some_and(|max| self.ready.bytes() + u64::from(size) > max)
     }
 
-    /// drop-head: the oldest ready messages make room for the new ones.
+    /// drop-head: the oldest ready messages make room for the new ones (and
+    /// for requeued ones, which go back to the head and so are dropped first,
+    /// as in RabbitMQ). With reject-publish the limit only refuses publishes:
+    /// requeues may take the queue over it.
     fn drop_over_limit(&mut self, queue: &Queue) {
         let args = &queue.args;
+        if args.overflow != Overflow::DropHead {
+            return;
+        }
         while args
             .max_length
             .is_some_and(|max| self.ready.len() as u64 > max)
@@ -746,7 +752,8 @@ impl Queue {
         self.finish(st);
     }
 
-    /// Puts deliveries back at their original positions, marked redelivered.
+    /// Puts deliveries back at their original positions, marked redelivered,
+    /// then trims the head to a drop-head length limit.
     pub fn requeue(self: &Arc<Self>, items: Vec<(Option<u64>, QueuedMessage)>) {
         let mut st = self.state.lock();
         let mut messages = Vec::with_capacity(items.len());
@@ -760,6 +767,7 @@ impl Queue {
         }
         messages.sort_unstable_by_key(|m| m.seq);
         st.ready.restore(messages);
+        st.drop_over_limit(self);
         st.dispatch(self);
         self.finish(st);
     }

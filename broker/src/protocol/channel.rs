@@ -826,11 +826,15 @@ pub struct Detached {
 }
 
 impl Detached {
+    /// Requeues before cancelling the consumers, as RabbitMQ does: the
+    /// closed channel's consumers take nothing meanwhile, and a single active
+    /// consumer taking over then starts with the requeued messages, in queue
+    /// order, rather than with what was ready behind them.
     pub fn give_back(self, vhost: &VHost) {
+        settle_now(self.unacked, Settle::Requeue);
         for consumer in &self.consumers {
             release_consumer(vhost, consumer);
         }
-        settle_now(self.unacked, Settle::Requeue);
     }
 }
 
