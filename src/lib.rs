@@ -61,6 +61,7 @@ impl TestBroker {
         let data_dir = temp_data_dir("test");
         let mut config = Config {
             listen: "127.0.0.1:0".parse().expect("static address"),
+            metrics_listen: Some("127.0.0.1:0".parse().expect("static address")),
             data_dir: data_dir.clone(),
             // The test's own runtime is blocked while the broker is dropped, so
             // its clients could not answer a close: stop at once instead.
@@ -76,6 +77,12 @@ impl TestBroker {
             _running: Some(running),
             data_dir: Some(data_dir),
         }
+    }
+
+    /// `http://host:port/metrics` of an in-process Hare (None for `HARE_TEST_URL`).
+    pub fn metrics_url(&self) -> Option<String> {
+        let addr = self._running.as_ref()?.metrics_addr()?;
+        Some(format!("http://{addr}/metrics"))
     }
 
     /// The AMQP URL with guest credentials and the default vhost.
@@ -147,6 +154,9 @@ impl BrokerProcess {
             .arg(addr.to_string())
             .arg("--data-dir")
             .arg(data_dir)
+            // Tests run many brokers at once: no fixed metrics port.
+            .arg("--metrics-listen")
+            .arg("127.0.0.1:0")
             .args(extra)
             .env("RUST_LOG", "info")
             .stdout(std::process::Stdio::null())

@@ -406,3 +406,24 @@ mod tests {
         assert!(disk_free_bytes(Path::new("/")).unwrap() > 0);
     }
 }
+
+impl crate::telemetry::ResourceReport for Alarms {
+    fn resident_memory_bytes(&self) -> u64 {
+        self.rss_bytes()
+    }
+    fn memory_limit_bytes(&self) -> u64 {
+        Alarms::memory_limit_bytes(self)
+    }
+    fn memory_alarm(&self) -> bool {
+        Alarms::memory_alarm(self)
+    }
+    fn disk_free_bytes(&self) -> u64 {
+        Alarms::disk_free_bytes(self)
+    }
+    fn disk_free_limit_bytes(&self) -> u64 {
+        Alarms::disk_free_limit_bytes(self)
+    }
+    fn disk_alarm(&self) -> bool {
+        Alarms::disk_alarm(self)
+    }
+}

@@ -17,6 +17,12 @@ struct Args {
     /// Address AMQP clients connect to.
     #[arg(long, env = "HARE_LISTEN", default_value = "0.0.0.0:5672")]
     listen: SocketAddr,
+    /// Address Prometheus scrapes at /metrics.
+    #[arg(long, env = "HARE_METRICS_LISTEN", default_value = "0.0.0.0:15692")]
+    metrics_listen: SocketAddr,
+    /// Serve no metrics endpoint.
+    #[arg(long, env = "HARE_NO_METRICS")]
+    no_metrics: bool,
     /// Directory for durable state.
     #[arg(long, env = "HARE_DATA_DIR", default_value = "./data")]
     data_dir: PathBuf,
@@ -64,6 +70,7 @@ pub fn main() -> std::io::Result<()> {
     let args = Args::parse();
     let config = Config {
         listen: args.listen,
+        metrics_listen: (!args.no_metrics).then_some(args.metrics_listen),
         data_dir: args.data_dir,
         frame_max: args.frame_max,
         heartbeat: std::time::Duration::from_secs(args.heartbeat),
@@ -103,14 +110,25 @@ pub fn main() -> std::io::Result<()> {
     let _model = broker.clone();
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(config.listen).await?;
-        tracing::info!(listen = %listener.local_addr()?, data_dir = %config.data_dir.display(), "hare is accepting AMQP connections");
+        let metrics = match config.metrics_listen {
+            Some(addr) => Some(tokio::net::TcpListener::bind(addr).await?),
+            None => None,
+        };
+        if let Some(metrics) = &metrics {
+            tracing::info!(listen = %metrics.local_addr()?, "serving Prometheus metrics at /metrics");
+        }
+        let listeners = crate::net::Listeners {
+            amqp: listener,
+            metrics,
+        };
+        tracing::info!(listen = %listeners.amqp.local_addr()?, data_dir = %config.data_dir.display(), "hare is accepting AMQP connections");
         let (stop, stopped) = tokio::sync::watch::channel(false);
         tokio::spawn(async move {
             wait_for_stop_signal().await;
             tracing::info!("stopping: closing connections");
             let _ = stop.send(true);
         });
-        crate::net::serve(listener, broker, Arc::new(config), alarms, stopped).await;
+        crate::net::serve(listeners, broker, Arc::new(config), alarms, stopped).await;
         Ok::<_, std::io::Error>(())
     })?;
     if let Some(store) = store {

@@ -12,6 +12,8 @@ pub use crate::alarms::MemoryWatermark;
 pub struct Config {
     /// Where AMQP clients connect.
     pub listen: SocketAddr,
+    /// Where Prometheus scrapes `/metrics` (RabbitMQ's port 15692); `None` disables it.
+    pub metrics_listen: Option<SocketAddr>,
     /// Where durable state lives (used by the store).
     pub data_dir: PathBuf,
     /// Largest frame we accept and offer in connection.tune (RabbitMQ: 131072).
@@ -57,6 +59,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             listen: "0.0.0.0:5672".parse().expect("static address"),
+            metrics_listen: Some("0.0.0.0:15692".parse().expect("static address")),
             data_dir: PathBuf::from("./data"),
             frame_max: 131_072,
             channel_max: 2047,

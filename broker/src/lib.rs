@@ -35,6 +35,7 @@ use tokio::sync::watch;
 /// Dropping it stops the broker: the listener closes and every connection is dropped.
 pub struct RunningBroker {
     local_addr: SocketAddr,
+    metrics_addr: Option<SocketAddr>,
     alarms: Arc<alarms::Alarms>,
     shutdown: watch::Sender<bool>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -48,6 +49,15 @@ impl RunningBroker {
         let listener = std::net::TcpListener::bind(config.listen)?;
         listener.set_nonblocking(true)?;
         let local_addr = listener.local_addr()?;
+        let metrics = match config.metrics_listen {
+            Some(addr) => {
+                let metrics = std::net::TcpListener::bind(addr)?;
+                metrics.set_nonblocking(true)?;
+                Some(metrics)
+            }
+            None => None,
+        };
+        let metrics_addr = metrics.as_ref().map(|m| m.local_addr()).transpose()?;
         let alarms = alarms::Alarms::new(&config);
         let serve_alarms = alarms.clone();
         let (shutdown, shutdown_rx) = watch::channel(false);
@@ -61,10 +71,16 @@ impl RunningBroker {
             .spawn(move || {
                 let store = broker.store().cloned();
                 runtime.block_on(async move {
-                    let listener = tokio::net::TcpListener::from_std(listener)
-                        .expect("listener registers with the runtime");
+                    let listeners = net::Listeners {
+                        amqp: tokio::net::TcpListener::from_std(listener)
+                            .expect("listener registers with the runtime"),
+                        metrics: metrics.map(|m| {
+                            tokio::net::TcpListener::from_std(m)
+                                .expect("listener registers with the runtime")
+                        }),
+                    };
                     net::serve(
-                        listener,
+                        listeners,
                         broker,
                         Arc::new(config),
                         serve_alarms,
@@ -81,6 +97,7 @@ impl RunningBroker {
             })?;
         Ok(RunningBroker {
             local_addr,
+            metrics_addr,
             alarms,
             shutdown,
             thread: Some(thread),
@@ -90,6 +107,11 @@ impl RunningBroker {
     /// The address the listener is bound to (useful with port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// Where `/metrics` is served, if it is.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     /// The resource alarms: current state, last samples, thresholds.

@@ -13,21 +13,35 @@ use crate::alarms::Alarms;
 use crate::config::Config;
 use crate::model::Broker;
 use crate::protocol::connection;
+use crate::telemetry::{self, ResourceReport};
+
+/// Where the broker listens: AMQP, and Prometheus scrapes unless disabled.
+pub struct Listeners {
+    pub amqp: TcpListener,
+    pub metrics: Option<TcpListener>,
+}
 
 /// Accepts connections until `shutdown` turns true, then waits for them to close.
-/// The resource monitor behind `alarms` runs for as long.
+/// The resource monitor behind `alarms` and the metrics endpoint run for as long.
 pub async fn serve(
-    listener: TcpListener,
+    listeners: Listeners,
     broker: Arc<Broker>,
     config: Arc<Config>,
     alarms: Arc<Alarms>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let listener = listeners.amqp;
     let monitor = tokio::spawn(
         alarms
             .clone()
             .monitor(config.resource_check_interval, shutdown.clone()),
     );
+    if let Some(metrics) = listeners.metrics {
+        let resources: Arc<dyn ResourceReport> = alarms.clone();
+        let endpoint =
+            telemetry::http::serve(metrics, broker.clone(), Some(resources), shutdown.clone());
+        tokio::spawn(endpoint);
+    }
     let mut connections = JoinSet::new();
     loop {
         while connections.try_join_next().is_some() {}
