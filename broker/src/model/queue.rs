@@ -578,7 +578,7 @@ impl Queue {
         }
     }
 
-    /// A redeclare counts as use for `x-expires`.
+    /// A declare (passive or not) counts as use for `x-expires`.
     pub fn touch(&self) {
         if self.args.expires.is_some() {
             let mut st = self.state.lock();
