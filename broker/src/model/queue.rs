@@ -547,7 +547,10 @@ impl Queue {
                 return Enqueued::Accepted;
             }
         }
-        if ttl == Some(0) {
+        // Nobody took it: a TTL 0 message expires now if it is the head.
+        // Behind other messages it waits, like any expired message, until it
+        // reaches the head (RabbitMQ counts it until then).
+        if ttl == Some(0) && st.ready.is_empty() {
             st.discard(self, queued, Reason::Expired);
             self.finish(st);
             return Enqueued::Accepted;
