@@ -352,7 +352,9 @@ impl QueueState {
     }
 
     /// drop-head: the oldest ready messages make room for the new ones.
-    fn drop_over_limit(&mut self, queue: &Queue) {
+    /// True when some were dropped.
+    fn drop_over_limit(&mut self, queue: &Queue) -> bool {
+        let before = self.ready.len();
         let args = &queue.args;
         while args
             .max_length
@@ -366,6 +368,7 @@ impl QueueState {
             };
             self.discard(queue, head, Reason::MaxLen);
         }
+        self.ready.len() < before
     }
 
     fn expire_heads(&mut self, queue: &Queue, now: u64) {
@@ -560,9 +563,10 @@ impl Queue {
         }
         let expires = queued.expires_at != 0;
         st.ready.push_back(queued);
-        st.drop_over_limit(self);
-        if expires {
-            st.expiring = true;
+        st.expiring |= expires;
+        // Dropping the head uncovers a new one, which may expire sooner.
+        let dropped = st.drop_over_limit(self);
+        if expires || (dropped && st.expiring) {
             st.arm_timer(self);
         }
         if st.ready.len() == 1 {
