@@ -352,8 +352,12 @@ impl QueueState {
     }
 
     /// drop-head: the oldest ready messages make room for the new ones.
-    /// True when some were dropped.
+    /// True when some were dropped. The reject-publish modes refuse
+    /// publishes instead and never drop.
     fn drop_over_limit(&mut self, queue: &Queue) -> bool {
+        if queue.args.overflow != Overflow::DropHead {
+            return false;
+        }
         let before = self.ready.len();
         let args = &queue.args;
         while args
@@ -703,7 +707,8 @@ impl Queue {
         self.finish(st);
     }
 
-    /// Puts deliveries back at their original positions, marked redelivered.
+    /// Puts deliveries back at their original positions, marked redelivered;
+    /// with drop-head, whatever is then over the length limit goes from the head.
     pub fn requeue(self: &Arc<Self>, items: Vec<(Option<u64>, QueuedMessage)>) {
         let mut st = self.state.lock();
         let mut messages = Vec::with_capacity(items.len());
@@ -717,6 +722,8 @@ impl Queue {
         }
         messages.sort_unstable_by_key(|m| m.seq);
         st.ready.restore(messages);
+        // Requeued messages count against the length limit like new ones.
+        st.drop_over_limit(self);
         st.dispatch(self);
         self.finish(st);
     }
