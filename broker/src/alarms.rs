@@ -360,6 +360,27 @@ fn disk_free_bytes(dir: &Path) -> std::io::Result<u64> {
     Ok((stat.f_bavail as u64).saturating_mul(stat.f_frsize as u64))
 }
 
+impl crate::telemetry::ResourceReport for Alarms {
+    fn resident_memory_bytes(&self) -> u64 {
+        self.rss_bytes()
+    }
+    fn memory_limit_bytes(&self) -> u64 {
+        Alarms::memory_limit_bytes(self)
+    }
+    fn memory_alarm(&self) -> bool {
+        Alarms::memory_alarm(self)
+    }
+    fn disk_free_bytes(&self) -> u64 {
+        Alarms::disk_free_bytes(self)
+    }
+    fn disk_free_limit_bytes(&self) -> u64 {
+        Alarms::disk_free_limit_bytes(self)
+    }
+    fn disk_alarm(&self) -> bool {
+        Alarms::disk_alarm(self)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -404,26 +425,5 @@ mod tests {
         assert!(rss_bytes().unwrap() > 0);
         assert!(total_memory_bytes().unwrap() > rss_bytes().unwrap());
         assert!(disk_free_bytes(Path::new("/")).unwrap() > 0);
-    }
-}
-
-impl crate::telemetry::ResourceReport for Alarms {
-    fn resident_memory_bytes(&self) -> u64 {
-        self.rss_bytes()
-    }
-    fn memory_limit_bytes(&self) -> u64 {
-        Alarms::memory_limit_bytes(self)
-    }
-    fn memory_alarm(&self) -> bool {
-        Alarms::memory_alarm(self)
-    }
-    fn disk_free_bytes(&self) -> u64 {
-        Alarms::disk_free_bytes(self)
-    }
-    fn disk_free_limit_bytes(&self) -> u64 {
-        Alarms::disk_free_limit_bytes(self)
-    }
-    fn disk_alarm(&self) -> bool {
-        Alarms::disk_alarm(self)
     }
 }

@@ -386,12 +386,13 @@ impl QueueState {
 
     /// drop-head: the oldest ready messages make room for the new ones (and
     /// for requeued ones, which go back to the head and so are dropped first,
-    /// as in RabbitMQ). With reject-publish the limit only refuses publishes:
-    /// requeues may take the queue over it.
-    fn drop_over_limit(&mut self, queue: &Queue) {
+    /// as in RabbitMQ). True when some were dropped. With reject-publish the
+    /// limit only refuses publishes: requeues may take the queue over it.
+    fn drop_over_limit(&mut self, queue: &Queue) -> bool {
+        let before = self.ready.len();
         let args = &queue.args;
         if args.overflow != Overflow::DropHead {
-            return;
+            return false;
         }
         while args
             .max_length
@@ -405,6 +406,7 @@ impl QueueState {
             };
             self.discard(queue, head, Reason::MaxLen);
         }
+        self.ready.len() < before
     }
 
     fn expire_heads(&mut self, queue: &Queue, now: u64) {
@@ -587,7 +589,10 @@ impl Queue {
                 return Enqueued::Accepted;
             }
         }
-        if ttl == Some(0) {
+        // Nobody took it: a TTL 0 message expires now if it is the head.
+        // Behind other messages it waits, like any expired message, until it
+        // reaches the head (RabbitMQ counts it until then).
+        if ttl == Some(0) && st.ready.is_empty() {
             st.discard(self, queued, Reason::Expired);
             self.finish(st);
             return Enqueued::Accepted;
@@ -597,9 +602,10 @@ impl Queue {
         }
         let expires = queued.expires_at != 0;
         st.ready.push_back(queued);
-        st.drop_over_limit(self);
-        if expires {
-            st.expiring = true;
+        st.expiring |= expires;
+        // Dropping the head uncovers a new one, which may expire sooner.
+        let dropped = st.drop_over_limit(self);
+        if expires || (dropped && st.expiring) {
             st.arm_timer(self);
         }
         if st.ready.len() == 1 {
@@ -629,7 +635,7 @@ impl Queue {
         }
     }
 
-    /// A redeclare counts as use for `x-expires`.
+    /// A declare (passive or not) counts as use for `x-expires`.
     pub fn touch(&self) {
         if self.args.expires.is_some() {
             let mut st = self.state.lock();
@@ -752,8 +758,8 @@ impl Queue {
         self.finish(st);
     }
 
-    /// Puts deliveries back at their original positions, marked redelivered,
-    /// then trims the head to a drop-head length limit.
+    /// Puts deliveries back at their original positions, marked redelivered;
+    /// with drop-head, whatever is then over the length limit goes from the head.
     pub fn requeue(self: &Arc<Self>, items: Vec<(Option<u64>, QueuedMessage)>) {
         let mut st = self.state.lock();
         let mut messages = Vec::with_capacity(items.len());
@@ -767,6 +773,7 @@ impl Queue {
         }
         messages.sort_unstable_by_key(|m| m.seq);
         st.ready.restore(messages);
+        // Requeued messages count against the length limit like new ones.
         st.drop_over_limit(self);
         st.dispatch(self);
         self.finish(st);

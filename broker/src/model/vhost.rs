@@ -392,6 +392,8 @@ impl VHost {
         if req.passive {
             let name = req.name;
             let queue = self.queue(name, req.connection)?;
+            // Use for `x-expires` too: RabbitMQ restarts the clock on any declare.
+            queue.touch();
             let counts = queue.counts();
             return Ok((queue, counts));
         }
