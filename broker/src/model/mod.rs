@@ -44,7 +44,11 @@ impl Broker {
     pub fn open(config: &Config) -> Result<Self, StoreError> {
         let store = Store::open(&config.data_dir, config.store_cache_bytes)?;
         let recovered = store.recover()?;
-        let broker = Self::build(config, Some(store));
+        let broker = Self::build(config, Some(store.clone()));
+        store.observe_flushes(crate::store::flusher::FlushMetrics {
+            duration: broker.metrics.flush_duration.clone(),
+            batch: broker.metrics.flush_batch.clone(),
+        });
         let mut by_vhost: HashMap<String, RecoveredVHost> = HashMap::new();
         for e in recovered.exchanges {
             by_vhost

@@ -4,6 +4,8 @@
 //! lives in [`ChannelShared`].
 
 use std::sync::Arc;
+
+use metrics::Histogram;
 use std::time::{Duration, Instant};
 
 use amq_protocol::protocol::{
@@ -94,6 +96,9 @@ struct Confirms {
     reported: u64,
     /// Some publish since the last report went to disk and must wait for a flush.
     needs_disk: bool,
+    /// When the first publish since the last report was complete (for the
+    /// confirm latency metric: one clock read per batch, not per message).
+    since: Option<Instant>,
 }
 
 /// tx.select: publishes and settlements wait for tx.commit.
@@ -167,9 +172,14 @@ fn in_publish(error: AmqpError) -> AmqpError {
 }
 
 impl Channel {
-    pub fn new(id: u16, outbox: Arc<Outbox>, cancel_notify: bool) -> Self {
+    pub fn new(
+        id: u16,
+        outbox: Arc<Outbox>,
+        cancel_notify: bool,
+        confirm_latency: Histogram,
+    ) -> Self {
         Channel {
-            shared: ChannelShared::new(id, outbox, cancel_notify),
+            shared: ChannelShared::new(id, outbox, cancel_notify, confirm_latency),
             closing: false,
             incoming: None,
             confirms: None,
@@ -240,7 +250,9 @@ impl Channel {
         }
         c.reported = c.published;
         let needs_disk = std::mem::take(&mut c.needs_disk);
-        self.shared.confirm_upto(c.published, needs_disk, store);
+        let since = c.since.take().unwrap_or_else(Instant::now);
+        self.shared
+            .confirm_upto(c.published, needs_disk, store, since);
     }
 
     // ---- content frames ----------------------------------------------------
@@ -341,6 +353,9 @@ impl Channel {
         }
         let outcome = self.route(ctx, exchange.as_ref(), &publish, message);
         if let Some(c) = self.confirms.as_mut() {
+            if c.since.is_none() {
+                c.since = Some(Instant::now());
+            }
             c.published += 1;
             c.needs_disk |= outcome.stored;
             if outcome.rejected {

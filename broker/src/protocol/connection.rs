@@ -21,6 +21,7 @@ use crate::alarms::Alarms;
 use crate::config::Config;
 use crate::error::{code, AmqpError, Scope};
 use crate::model::Broker;
+use crate::telemetry::ConnectionTotals;
 
 /// RabbitMQ's handshake_timeout: from TCP accept to connection.open-ok.
 const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(10);
@@ -64,6 +65,7 @@ pub async fn serve(
                 ack_check_period: None,
                 next_ack_check: None,
             };
+            ConnectionTotals::count(&broker.metrics().connections.connections_opened);
             conn.run(&mut socket, &mut reader, shutdown).await;
             conn.release_everything();
         }
@@ -348,8 +350,14 @@ impl Connection {
                         ),
                     ));
                 }
-                let channel = Channel::new(id, self.outbox.clone(), self.session.cancel_notify);
+                let channel = Channel::new(
+                    id,
+                    self.outbox.clone(),
+                    self.session.cancel_notify,
+                    self.broker.metrics().confirm_latency.clone(),
+                );
                 self.channels.insert(id, channel);
+                ConnectionTotals::count(&self.totals().channels_opened);
                 self.outbox.send_method(
                     id,
                     AMQPClass::Channel(channel::AMQPMethod::OpenOk(channel::OpenOk {})),
@@ -371,10 +379,10 @@ impl Connection {
             if let Inbound::Method(_, method) = frame {
                 match *method {
                     AMQPClass::Channel(channel::AMQPMethod::CloseOk(_)) => {
-                        self.channels.remove(&id);
+                        self.forget_channel(id);
                     }
                     AMQPClass::Channel(channel::AMQPMethod::Close(_)) => {
-                        self.channels.remove(&id);
+                        self.forget_channel(id);
                         self.send_channel_close_ok(id);
                     }
                     _ => {}
@@ -396,7 +404,7 @@ impl Connection {
                     ch.check_not_in_content()?;
                     ch.flush_confirms(self.broker.store());
                     ch.shutdown(&self.session.vhost);
-                    self.channels.remove(&id);
+                    self.forget_channel(id);
                     self.send_channel_close_ok(id);
                     return Ok(Flow::Continue);
                 }
@@ -491,6 +499,16 @@ impl Connection {
         let _ = tokio::time::timeout(CLOSE_OK_TIMEOUT, wait_close_ok(socket, reader)).await;
     }
 
+    fn totals(&self) -> &ConnectionTotals {
+        &self.broker.metrics().connections
+    }
+
+    fn forget_channel(&mut self, id: u16) {
+        if self.channels.remove(&id).is_some() {
+            ConnectionTotals::count(&self.totals().channels_closed);
+        }
+    }
+
     /// Requeues unacked messages, cancels consumers, deletes exclusive queues.
     fn release_everything(&mut self) {
         let vhost = self.session.vhost.clone();
@@ -499,6 +517,8 @@ impl Connection {
             .drain()
             .map(|(_, mut ch)| ch.detach())
             .collect();
+        let closed = &self.broker.metrics().connections.channels_closed;
+        closed.fetch_add(detached.len() as u64, std::sync::atomic::Ordering::Relaxed);
         for d in detached {
             d.give_back(&vhost);
         }
@@ -511,6 +531,7 @@ impl Connection {
 impl Drop for Connection {
     fn drop(&mut self) {
         self.release_everything();
+        ConnectionTotals::count(&self.totals().connections_closed);
     }
 }
 

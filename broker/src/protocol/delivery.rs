@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use amq_protocol::protocol::{basic, AMQPClass};
 use amq_protocol::types::ShortString;
+use metrics::Histogram;
 use parking_lot::Mutex;
 
 use super::outbox::Outbox;
@@ -55,6 +56,7 @@ pub struct ChannelShared {
     cancel_notify: bool,
     /// Publisher confirms sent so far; shared with the store's flusher thread.
     confirms: Mutex<ConfirmProgress>,
+    confirm_latency: Histogram,
 }
 
 /// How far publisher confirms have gone: acks are cumulative (`multiple`), so
@@ -66,10 +68,17 @@ struct ConfirmProgress {
     /// Publishes refused by a full queue (reject-publish), in order: each
     /// gets a nack in its place in the sequence.
     rejected: VecDeque<u64>,
+    /// Batches waiting for a flush: (last publish, when the first was complete).
+    batches: VecDeque<(u64, Instant)>,
 }
 
 impl ChannelShared {
-    pub fn new(id: u16, outbox: Arc<Outbox>, cancel_notify: bool) -> Arc<Self> {
+    pub fn new(
+        id: u16,
+        outbox: Arc<Outbox>,
+        cancel_notify: bool,
+        confirm_latency: Histogram,
+    ) -> Arc<Self> {
         Arc::new(ChannelShared {
             id,
             outbox,
@@ -82,6 +91,7 @@ impl ChannelShared {
             channel_in_flight: AtomicU32::new(0),
             cancel_notify,
             confirms: Mutex::new(ConfirmProgress::default()),
+            confirm_latency,
         })
     }
 
@@ -96,7 +106,14 @@ impl ChannelShared {
     /// Confirms every publish up to `upto`: at once when nothing of it needs
     /// the disk, otherwise after the store's next flush. Later publishes wait
     /// behind earlier ones so acks stay cumulative.
-    pub fn confirm_upto(self: &Arc<Self>, upto: u64, needs_disk: bool, store: Option<&Arc<Store>>) {
+    /// `since` is when the first of these publishes was complete.
+    pub fn confirm_upto(
+        self: &Arc<Self>,
+        upto: u64,
+        needs_disk: bool,
+        store: Option<&Arc<Store>>,
+        since: Instant,
+    ) {
         let mut progress = self.confirms.lock();
         if upto <= progress.acked {
             return;
@@ -104,10 +121,14 @@ impl ChannelShared {
         match store {
             Some(store) if needs_disk || progress.waiting_for_disk > progress.acked => {
                 progress.waiting_for_disk = upto;
+                progress.batches.push_back((upto, since));
                 drop(progress);
                 store.after_flush(self.clone(), upto);
             }
-            _ => self.send_confirm(&mut progress, upto, true),
+            _ => {
+                self.send_confirm(&mut progress, upto, true);
+                self.confirm_latency.record(since.elapsed().as_secs_f64());
+            }
         }
     }
 
@@ -296,6 +317,14 @@ impl FlushWaiter for ChannelShared {
         // A closed channel's number may already belong to a new channel.
         if token > progress.acked && !self.closed.load(Ordering::Acquire) {
             self.send_confirm(&mut progress, token, ok);
+        }
+        while progress
+            .batches
+            .front()
+            .is_some_and(|&(upto, _)| upto <= token)
+        {
+            let (_, since) = progress.batches.pop_front().expect("checked");
+            self.confirm_latency.record(since.elapsed().as_secs_f64());
         }
     }
 }

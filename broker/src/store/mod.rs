@@ -474,6 +474,11 @@ impl Store {
 
     // ---- durability ---------------------------------------------------------------
 
+    /// Reports flush durations and batch sizes from now on.
+    pub fn observe_flushes(&self, metrics: flusher::FlushMetrics) {
+        self.flusher.observe(metrics);
+    }
+
     /// Calls `waiter` after the next fsync that covers everything written so far.
     pub fn after_flush(&self, waiter: Arc<dyn FlushWaiter>, token: u64) {
         self.flusher.wait(waiter, token);
