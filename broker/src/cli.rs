@@ -131,6 +131,7 @@ pub fn main() -> std::io::Result<()> {
         crate::net::serve(listeners, broker, Arc::new(config), alarms, stopped).await;
         Ok::<_, std::io::Error>(())
     })?;
+    _model.stop_timers();
     if let Some(store) = store {
         store.close();
     }

@@ -70,6 +70,7 @@ impl RunningBroker {
             .name("hare-broker".into())
             .spawn(move || {
                 let store = broker.store().cloned();
+                let stop_timers = broker.clone();
                 runtime.block_on(async move {
                     let listeners = net::Listeners {
                         amqp: tokio::net::TcpListener::from_std(listener)
@@ -90,6 +91,7 @@ impl RunningBroker {
                 });
                 // Closed before the model is dropped: dropping queues must not
                 // delete the persistent messages they hold.
+                stop_timers.stop_timers();
                 if let Some(store) = store {
                     store.close();
                 }

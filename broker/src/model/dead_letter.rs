@@ -43,19 +43,32 @@ impl VHost {
     /// Republishes what `from` let go of to its dead-letter exchange. A missing
     /// exchange, or no queue bound, drops the messages, as in RabbitMQ.
     pub(crate) fn dead_letter(&self, from: &Queue, dead: Vec<(QueuedMessage, Reason)>) {
+        // Whatever happens to each dead letter, the source's journal entry
+        // goes last: after the copy is enqueued (a crash in between yields
+        // a duplicate, never a loss), or when it is dropped.
+        let forget = |queued: &QueuedMessage| {
+            if let Some(journal) = &from.journal {
+                journal.removed(queued);
+            }
+        };
         let Some(dlx) = from.args.dead_letter_exchange.as_deref() else {
+            dead.iter().for_each(|(queued, _)| forget(queued));
             return;
         };
         let exchange = match dlx {
             "" => None,
             name => match self.exchange(name) {
                 Ok(exchange) => Some(exchange),
-                Err(_) => return,
+                Err(_) => {
+                    dead.iter().for_each(|(queued, _)| forget(queued));
+                    return;
+                }
             },
         };
         let now_secs = now_ms() / 1000;
         for (mut queued, reason) in dead {
             let Some(content) = queued.load() else {
+                forget(&queued);
                 continue;
             };
             let routing_key = from
@@ -77,8 +90,8 @@ impl VHost {
                 route.queues.retain(|q| !is_cycle(&q.name, deaths));
             }
             self.enqueue(&route.queues, message);
-            // The source's copy (and its disk record) goes only now, after
-            // the dead letter was enqueued.
+            forget(&queued);
+            // The source's body on disk goes with `queued`, after both.
             drop(queued);
         }
     }

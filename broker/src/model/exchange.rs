@@ -124,14 +124,12 @@ pub struct Exchange {
 }
 
 /// Messages through an exchange, for metrics (relaxed counters: exact
-/// totals, no ordering needed).
+/// totals, no ordering needed). Messages published in = out + unroutable.
 #[derive(Default)]
 pub struct ExchangeTotals {
-    /// Published to this exchange.
-    pub published_in: AtomicU64,
     /// Routed on to at least one queue.
     pub published_out: AtomicU64,
-    /// Routed nowhere (also counted in `published_in`).
+    /// Routed nowhere.
     pub unroutable: AtomicU64,
 }
 

@@ -32,12 +32,15 @@ pub struct Broker {
     next_id: AtomicU64,
     store: Option<Arc<Store>>,
     metrics: Metrics,
+    timers: Arc<Timers>,
 }
 
 impl Broker {
     /// A broker that keeps everything in memory.
     pub fn new(config: &Config) -> Self {
-        Self::build(config, None)
+        let broker = Self::build(config, None);
+        broker.timers.resume();
+        broker
     }
 
     /// A broker on a data dir: opens the store and restores what it holds.
@@ -82,6 +85,8 @@ impl Broker {
                 }
             }
         }
+        // Only now may messages expire: their dead-letter targets exist.
+        broker.timers.resume();
         Ok(broker)
     }
 
@@ -102,7 +107,14 @@ impl Broker {
             next_id: AtomicU64::new(1),
             store,
             metrics: Metrics::new(),
+            timers,
         }
+    }
+
+    /// No more expiries, x-expires deletions or delayed deliveries: called
+    /// before the store closes at shutdown, so nothing changes on disk after.
+    pub fn stop_timers(&self) {
+        self.timers.stop();
     }
 
     pub fn store(&self) -> Option<&Arc<Store>> {

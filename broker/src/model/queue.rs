@@ -14,6 +14,8 @@
 //! message's place and disk id: bodies are read back as consumers catch up, so
 //! memory does not grow with the bytes queued.
 
+use std::cell::RefCell;
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 
@@ -192,7 +194,7 @@ impl Journal {
         }
     }
 
-    fn removed(&self, m: &QueuedMessage) {
+    pub(crate) fn removed(&self, m: &QueuedMessage) {
         if m.stored.is_some() {
             self.store.index_remove(self.queue_id, m.seq);
         }
@@ -289,16 +291,19 @@ impl QueueState {
 
     /// A message leaves the queue without being delivered: gone from the
     /// journal, and dead-lettered when the queue has somewhere to send it.
+    ///
+    /// A dead letter keeps its journal entry until its copy is enqueued
+    /// where the dead-letter exchange routes it (see `VHost::dead_letter`):
+    /// a crash in between then yields a duplicate, never a loss.
     fn discard(&mut self, queue: &Queue, message: QueuedMessage, reason: Reason) {
-        if let Some(journal) = &queue.journal {
-            journal.removed(&message);
-        }
         if reason == Reason::Expired {
             self.totals.expired += 1;
         }
         if queue.args.dead_letter_exchange.is_some() {
             self.totals.dead_lettered[reason as usize] += 1;
             self.dead.push((message, reason));
+        } else if let Some(journal) = &queue.journal {
+            journal.removed(&message);
         }
     }
 
@@ -308,6 +313,9 @@ impl QueueState {
     fn hand_over(&mut self, queue: &Arc<Queue>, idx: usize, mut message: QueuedMessage) -> bool {
         let Some(content) = message.load() else {
             tracing::error!(queue = %queue.name, "a stored message could not be read back; dropped");
+            if let Some(journal) = &queue.journal {
+                journal.removed(&message);
+            }
             return true;
         };
         let consumer = &mut self.consumers[idx];
@@ -450,6 +458,23 @@ impl QueueState {
     }
 }
 
+type DeadBatch = (Arc<Queue>, Vec<(QueuedMessage, Reason)>);
+
+thread_local! {
+    /// Dead-letter batches produced while this thread was already
+    /// dead-lettering; `None` when it is not.
+    static PENDING_DEAD_LETTERS: RefCell<Option<VecDeque<DeadBatch>>> = const { RefCell::new(None) };
+}
+
+/// Ends the dead-letter loop of this thread, even if it unwinds.
+struct EndDeadLetterLoop;
+
+impl Drop for EndDeadLetterLoop {
+    fn drop(&mut self) {
+        PENDING_DEAD_LETTERS.with(|pending| *pending.borrow_mut() = None);
+    }
+}
+
 /// Counts reported by queue.declare-ok, purge-ok and delete-ok.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct QueueCounts {
@@ -524,14 +549,44 @@ impl Queue {
     }
 
     /// Releases the lock, then dead-letters what died under it.
+    ///
+    /// Dead letters can make more dead letters (a chain of queues each
+    /// over its limit), so the work is a loop, not a recursion: a nested
+    /// call on the same thread hands its batch to the outermost one, and the
+    /// stack stays flat however long the chain.
     fn finish(&self, mut st: MutexGuard<'_, QueueState>) {
         if st.dead.is_empty() {
             return;
         }
         let dead = std::mem::take(&mut st.dead);
         drop(st);
-        if let Some(vhost) = self.home.upgrade() {
-            vhost.dead_letter(self, dead);
+        let Some(me) = self.me.upgrade() else {
+            return;
+        };
+        let mut batch = Some((me, dead));
+        let outermost = PENDING_DEAD_LETTERS.with(|pending| {
+            let mut pending = pending.borrow_mut();
+            match pending.as_mut() {
+                Some(queued) => {
+                    queued.push_back(batch.take().expect("set above"));
+                    false
+                }
+                None => {
+                    *pending = Some(VecDeque::new());
+                    true
+                }
+            }
+        });
+        if !outermost {
+            return;
+        }
+        let _done = EndDeadLetterLoop;
+        while let Some((queue, dead)) = batch {
+            if let Some(vhost) = queue.home.upgrade() {
+                vhost.dead_letter(&queue, dead);
+            }
+            batch = PENDING_DEAD_LETTERS
+                .with(|pending| pending.borrow_mut().as_mut().and_then(VecDeque::pop_front));
         }
     }
 
@@ -579,6 +634,8 @@ impl Queue {
         if let Some(journal) = &self.journal {
             journal.added(&queued);
         }
+        // A refused hand-over puts it in `ready`, where its expiry needs the timer.
+        st.expiring |= queued.expires_at != 0;
         if st.ready.is_empty() {
             // Even a message with TTL 0 goes to a consumer that can take it now.
             if let Some(idx) = st.pick_consumer(self.args.single_active_consumer) {
@@ -712,6 +769,9 @@ impl Queue {
             }
             let Some(content) = message.load() else {
                 tracing::error!(queue = %self.name, "a stored message could not be read back; dropped");
+                if let Some(journal) = &self.journal {
+                    journal.removed(&message);
+                }
                 continue;
             };
             if let Some(journal) = &self.journal {
@@ -829,6 +889,11 @@ impl Timed for Queue {
             Some(ms) => st.consumers.is_empty() && now >= st.last_used.saturating_add(ms),
             None => false,
         };
+        if unused {
+            // Decided under the lock: a consumer arriving from now on finds
+            // the queue gone (404) rather than being cancelled right after.
+            self.deleted.store(true, Ordering::Release);
+        }
         if !unused {
             st.dispatch(&me);
             st.arm_timer(self);

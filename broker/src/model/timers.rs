@@ -12,6 +12,7 @@
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -63,17 +64,26 @@ struct Heap {
 pub struct Timers {
     heap: Mutex<Heap>,
     wake: Condvar,
+    /// Nothing fires until the broker has restored everything from disk: a
+    /// message that expired while the broker was down must find its
+    /// dead-letter queue and bindings in place.
+    paused: AtomicBool,
+    /// Nothing fires once the broker stops: the store is closing.
+    stopped: AtomicBool,
 }
 
 /// The thread re-checks at least this often whether the broker is gone.
 const IDLE_WAIT: Duration = Duration::from_secs(1);
 
 impl Timers {
-    /// Starts the timer thread; it ends once the returned `Arc` is dropped.
+    /// Starts the timer thread, paused until [`resume`](Self::resume); it
+    /// ends once the returned `Arc` is dropped or [`stop`](Self::stop) is called.
     pub fn start() -> Arc<Timers> {
         let timers = Arc::new(Timers {
             heap: Mutex::new(Heap::default()),
             wake: Condvar::new(),
+            paused: AtomicBool::new(true),
+            stopped: AtomicBool::new(false),
         });
         let weak = Arc::downgrade(&timers);
         std::thread::Builder::new()
@@ -81,6 +91,19 @@ impl Timers {
             .spawn(move || run(weak))
             .expect("start the timer thread");
         timers
+    }
+
+    pub fn resume(&self) {
+        self.paused.store(false, Ordering::Release);
+        let _guard = self.heap.lock();
+        self.wake.notify_one();
+    }
+
+    /// No wake-up fires after this returns, except one already firing.
+    pub fn stop(&self) {
+        self.stopped.store(true, Ordering::Release);
+        let _guard = self.heap.lock();
+        self.wake.notify_one();
     }
 
     /// Calls `target.fire` at `at_ms` (or soon after).
@@ -104,15 +127,17 @@ impl Timers {
         let mut heap = self.heap.lock();
         let now = now_ms();
         let mut due = Vec::new();
-        while heap.entries.peek().is_some_and(|Reverse(e)| e.at <= now) {
+        let active = !self.paused.load(Ordering::Acquire) && !self.stopped.load(Ordering::Acquire);
+        while active && heap.entries.peek().is_some_and(|Reverse(e)| e.at <= now) {
             let Reverse(entry) = heap.entries.pop().expect("peeked");
             due.push(entry.target);
         }
         if due.is_empty() {
-            let wait = heap
-                .entries
-                .peek()
-                .map_or(IDLE_WAIT, |Reverse(e)| Duration::from_millis(e.at - now))
+            let next = heap.entries.peek().filter(|_| active);
+            let wait = next
+                .map_or(IDLE_WAIT, |Reverse(e)| {
+                    Duration::from_millis(e.at.saturating_sub(now))
+                })
                 .min(IDLE_WAIT);
             self.wake.wait_for(&mut heap, wait);
         }
@@ -122,10 +147,15 @@ impl Timers {
 
 fn run(timers: Weak<Timers>) {
     while let Some(timers) = timers.upgrade() {
+        if timers.stopped.load(Ordering::Acquire) {
+            return;
+        }
         let due = timers.next_due();
-        drop(timers);
         let now = now_ms();
         for target in due {
+            if timers.stopped.load(Ordering::Acquire) {
+                return;
+            }
             if let Some(target) = target.upgrade() {
                 target.fire(now);
             }

@@ -385,6 +385,9 @@ impl Store {
 
     /// Forgets a queue and its index (message bodies go with their last holder).
     pub fn delete_queue(&self, vhost: &str, name: &str, id: u64) {
+        if self.is_closed() {
+            return;
+        }
         self.remove_def(queue_key(vhost, name));
         for key in self.index.scan_prefix(id.to_be_bytes()).keys().flatten() {
             let _ = self.index.remove(key);
@@ -400,12 +403,18 @@ impl Store {
     }
 
     fn put_def(&self, key: Vec<u8>, value: Vec<u8>) {
+        if self.is_closed() {
+            return;
+        }
         if let Err(error) = self.defs.insert(key, value) {
             tracing::error!(%error, "could not save a definition");
         }
     }
 
     fn remove_def(&self, key: Vec<u8>) {
+        if self.is_closed() {
+            return;
+        }
         if let Err(error) = self.defs.remove(key) {
             tracing::error!(%error, "could not delete a definition");
         }
@@ -429,6 +438,9 @@ impl Store {
     }
 
     pub fn index_add(&self, queue_id: u64, position: u64, entry: &IndexEntry) {
+        if self.is_closed() {
+            return;
+        }
         let _ = self
             .index
             .insert(index_key(queue_id, position), &entry.encode());
@@ -436,6 +448,9 @@ impl Store {
 
     /// Many removals in one sled batch (purge).
     pub fn index_remove_all(&self, queue_id: u64, positions: impl Iterator<Item = u64>) {
+        if self.is_closed() {
+            return;
+        }
         let mut batch = sled::Batch::default();
         for position in positions {
             batch.remove(&index_key(queue_id, position));
@@ -444,6 +459,9 @@ impl Store {
     }
 
     pub fn index_remove(&self, queue_id: u64, position: u64) {
+        if self.is_closed() {
+            return;
+        }
         let _ = self.index.remove(index_key(queue_id, position));
     }
 
@@ -463,6 +481,9 @@ impl Store {
 
     /// Forgets a held delayed message (routed, or its exchange deleted).
     pub fn release_delayed(&self, due_ms: u64, id: u64) {
+        if self.is_closed() {
+            return;
+        }
         let _ = self.delayed.remove(delayed_key(due_ms, id));
     }
 
@@ -487,6 +508,13 @@ impl Store {
     /// Flushes now and waits (transactions commit this way).
     pub fn flush_blocking(&self) -> bool {
         self.db.flush().is_ok()
+    }
+
+    /// After [`close`](Self::close) nothing changes on disk any more: what is
+    /// still running while the broker stops (connections being dropped,
+    /// queues being freed) must not edit the state it is leaving behind.
+    fn is_closed(&self) -> bool {
+        self.closing.load(Ordering::Acquire)
     }
 
     /// From now on dropped messages are kept on disk: the broker is stopping.

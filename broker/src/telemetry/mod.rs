@@ -167,16 +167,15 @@ impl Metrics {
             for exchange in vhost.exchanges() {
                 let labels = [("vhost", v), ("exchange", exchange.name.as_str())];
                 let t = &exchange.totals;
-                let count = |name, value: &AtomicU64| {
-                    self.counter(name, &labels)
-                        .absolute(value.load(Ordering::Relaxed))
-                };
-                count("hare_exchange_messages_published_in_total", &t.published_in);
+                let out = t.published_out.load(Ordering::Relaxed);
+                let unroutable = t.unroutable.load(Ordering::Relaxed);
+                let count = |name, value| self.counter(name, &labels).absolute(value);
                 count(
-                    "hare_exchange_messages_published_out_total",
-                    &t.published_out,
+                    "hare_exchange_messages_published_in_total",
+                    out + unroutable,
                 );
-                count("hare_exchange_messages_unroutable_total", &t.unroutable);
+                count("hare_exchange_messages_published_out_total", out);
+                count("hare_exchange_messages_unroutable_total", unroutable);
             }
         }
         let c = &self.connections;
