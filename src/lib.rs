@@ -135,7 +135,9 @@ pub struct BrokerProcess {
 
 impl BrokerProcess {
     /// Starts `hare` on a free loopback port with `data_dir`, waiting (up to
-    /// 30 s) until it accepts connections or exits. Extra flags go after ours.
+    /// 30 s) until it accepts connections or exits. Extra flags go after ours;
+    /// metrics go to an ephemeral port unless `extra` has `--metrics-listen`
+    /// or `--no-metrics`.
     pub fn start(
         binary: &str,
         data_dir: &std::path::Path,
@@ -149,14 +151,21 @@ impl BrokerProcess {
             .create(true)
             .append(true)
             .open(data_dir.with_extension("log"))?;
+        let metrics_chosen = extra
+            .iter()
+            .any(|flag| flag.starts_with("--metrics-listen") || *flag == "--no-metrics");
+        // Tests run many brokers at once: no fixed metrics port.
+        let default_metrics: &[&str] = if metrics_chosen {
+            &[]
+        } else {
+            &["--metrics-listen", "127.0.0.1:0"]
+        };
         let mut child = std::process::Command::new(binary)
             .arg("--listen")
             .arg(addr.to_string())
             .arg("--data-dir")
             .arg(data_dir)
-            // Tests run many brokers at once: no fixed metrics port.
-            .arg("--metrics-listen")
-            .arg("127.0.0.1:0")
+            .args(default_metrics)
             .args(extra)
             .env("RUST_LOG", "info")
             .stdout(std::process::Stdio::null())
