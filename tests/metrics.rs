@@ -4,8 +4,6 @@
 
 mod common;
 
-use std::io::{Read, Write};
-
 use common::*;
 use lapin::options::{
     BasicAckOptions, BasicRejectOptions, ConfirmSelectOptions, QueueDeclareOptions,
@@ -13,27 +11,20 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::ExchangeKind;
 
-/// GET over a plain socket: the endpoint speaks HTTP/1, one request per connection.
+/// GET `url`: (status, body).
 fn http_get(url: &str) -> (u16, String) {
-    let rest = url.strip_prefix("http://").expect("http URL");
-    let (host, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
-    let mut stream = std::net::TcpStream::connect(host).expect("connect to the metrics endpoint");
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
-    )
-    .expect("send the request");
-    let mut response = String::new();
-    stream
-        .read_to_string(&mut response)
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(std::time::Duration::from_secs(5)))
+        .build()
+        .into();
+    let mut response = agent.get(url).call().expect("GET the metrics endpoint");
+    let status = response.status().as_u16();
+    let body = response
+        .body_mut()
+        .read_to_string()
         .expect("read the response");
-    let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .expect("a status code");
-    (status, body.to_owned())
+    (status, body)
 }
 
 /// One scrape, parsed into (series, value) pairs.
