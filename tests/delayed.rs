@@ -214,6 +214,8 @@ async fn topic_delayed_type_routes_by_pattern() {
     let (body, waited) = next_body(&mut consumer, start).await;
     assert_eq!(body, "m");
     assert!(waited >= Duration::from_millis(150), "after {waited:?}");
+    // Each queue is filled in turn: the consumer's copy can arrive first.
+    wait_message_count(&ctx.ch, &hash, 1).await;
     assert_eq!(take(&ctx.ch, &hash).await.as_deref(), Some("m"));
     assert_eq!(take(&ctx.ch, &miss).await, None);
 }
@@ -234,6 +236,8 @@ async fn fanout_delayed_type_routes_to_every_queue() {
     let (body, waited) = next_body(&mut consumer, start).await;
     assert_eq!(body, "m");
     assert!(waited >= Duration::from_millis(120), "after {waited:?}");
+    // Each queue is filled in turn: the consumer's copy can arrive first.
+    wait_message_count(&ctx.ch, &second, 1).await;
     assert_eq!(take(&ctx.ch, &second).await.as_deref(), Some("m"));
 }
 
