@@ -20,6 +20,7 @@ use amq_protocol::frame::{AMQPContentHeader, AMQPFrame};
 use amq_protocol::protocol::BasicProperties;
 use amq_protocol::protocol::{basic, channel, connection, exchange, queue, AMQPClass};
 use amq_protocol::types::{AMQPValue, DecimalValue, FieldArray, FieldTable};
+use common::args::{table, text as s};
 use common::raw::{assert_text, body, method, Raw};
 use common::unique;
 use hare_suite::TestBroker;
@@ -222,18 +223,6 @@ const EXCLUSIVE: Flags = Flags {
 
 /// Arguments as (name, value) pairs.
 type Args = Vec<(&'static str, AMQPValue)>;
-
-fn table(kv: &[(&str, AMQPValue)]) -> FieldTable {
-    let mut t = FieldTable::default();
-    for (k, v) in kv {
-        t.insert((*k).into(), v.clone());
-    }
-    t
-}
-
-fn s(text: &str) -> AMQPValue {
-    AMQPValue::LongString(text.into())
-}
 
 fn int(n: i32) -> AMQPValue {
     AMQPValue::LongInt(n)

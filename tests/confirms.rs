@@ -13,25 +13,6 @@ async fn confirm_select(ch: &Channel) -> lapin::Result<()> {
     within(ch.confirm_select(ConfirmSelectOptions::default())).await
 }
 
-async fn delete_queue(ch: &Channel, q: &str) {
-    within(ch.queue_delete(q.into(), Default::default()))
-        .await
-        .expect("delete queue");
-}
-
-async fn publish_confirm(ch: &Channel, q: &str, body: &[u8]) -> Confirmation {
-    let confirm = within(ch.basic_publish(
-        "".into(),
-        q.into(),
-        BasicPublishOptions::default(),
-        body,
-        BasicProperties::default(),
-    ))
-    .await
-    .expect("publish");
-    within(confirm).await.expect("confirm")
-}
-
 #[tokio::test]
 async fn confirm_select_then_publish_is_acked() {
     let ctx = setup().await;
@@ -39,11 +20,11 @@ async fn confirm_select_then_publish_is_acked() {
     confirm_select(&ctx.ch).await.expect("confirm.select");
     assert!(ctx.ch.status().confirm());
     assert_eq!(
-        publish_confirm(&ctx.ch, &q, b"one").await,
+        publish_confirmed(&ctx.ch, &q, b"one").await,
         Confirmation::Ack(None)
     );
     assert_eq!(
-        publish_confirm(&ctx.ch, &q, b"two").await,
+        publish_confirmed(&ctx.ch, &q, b"two").await,
         Confirmation::Ack(None)
     );
     // Confirmed messages are in the queue.
@@ -53,7 +34,7 @@ async fn confirm_select_then_publish_is_acked() {
         .await
         .expect("second confirm.select");
     assert_eq!(
-        publish_confirm(&ctx.ch, &q, b"three").await,
+        publish_confirmed(&ctx.ch, &q, b"three").await,
         Confirmation::Ack(None)
     );
     delete_queue(&ctx.ch, &q).await;
@@ -64,7 +45,7 @@ async fn publish_without_confirm_select_is_not_requested() {
     let ctx = setup().await;
     let q = declare_queue(&ctx.ch, "cf-none").await;
     assert_eq!(
-        publish_confirm(&ctx.ch, &q, b"x").await,
+        publish_confirmed(&ctx.ch, &q, b"x").await,
         Confirmation::NotRequested
     );
     delete_queue(&ctx.ch, &q).await;
@@ -127,7 +108,7 @@ async fn confirms_to_several_queues_and_unroutable_are_acked() {
     assert_eq!(message_count(&ctx.ch, &q2).await, 1);
     // No queue at all: still acked.
     assert_eq!(
-        publish_confirm(&ctx.ch, &unique("cf-nobody"), b"void").await,
+        publish_confirmed(&ctx.ch, &unique("cf-nobody"), b"void").await,
         Confirmation::Ack(None)
     );
     delete_queue(&ctx.ch, &q1).await;

@@ -10,18 +10,11 @@ use futures::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions,
     BasicPublishOptions, BasicQosOptions, BasicRecoverOptions, BasicRejectOptions,
-    QueueDeleteOptions,
 };
 use lapin::types::{
     AMQPValue, ByteArray, DecimalValue, FieldArray, FieldTable, LongString, ShortString,
 };
 use lapin::{BasicProperties, Channel, Consumer};
-
-async fn delete_queue(ch: &Channel, q: &str) {
-    within(ch.queue_delete(q.into(), QueueDeleteOptions::default()))
-        .await
-        .expect("delete queue");
-}
 
 async fn fill(ch: &Channel, q: &str, n: usize) {
     for i in 0..n {

@@ -8,11 +8,14 @@
 //! observations for them; while a histogram has none at all (its `_count` is
 //! 0 on /metrics) its panels only have to be valid and find the series.
 
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use common::args::table as args;
 use futures::StreamExt;
 use hare_suite::{temp_data_dir, BrokerProcess};
 use lapin::options::{
@@ -208,14 +211,6 @@ fn scrape(agent: &ureq::Agent, metrics_url: &str) -> Exposition {
 // ---------------------------------------------------------------------------
 // Traffic.
 // ---------------------------------------------------------------------------
-
-fn args(pairs: &[(&str, AMQPValue)]) -> FieldTable {
-    let mut t = FieldTable::default();
-    for (k, v) in pairs {
-        t.insert((*k).into(), v.clone());
-    }
-    t
-}
 
 async fn declare(ch: &Channel, name: &str, arguments: FieldTable) {
     ch.queue_declare(

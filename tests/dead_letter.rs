@@ -18,11 +18,13 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use common::args::{table, text as ls};
+use common::process::{open, restart_process, start_process};
 use common::*;
 use lapin::message::BasicGetMessage;
 use lapin::options::{
-    BasicGetOptions, BasicNackOptions, BasicPublishOptions, BasicRejectOptions,
-    ConfirmSelectOptions, ExchangeDeclareOptions, QueueDeclareOptions,
+    BasicGetOptions, BasicNackOptions, BasicRejectOptions, ConfirmSelectOptions,
+    ExchangeDeclareOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldArray, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation, ExchangeKind};
@@ -30,19 +32,6 @@ use lapin::{BasicProperties, Channel, Confirmation, ExchangeKind};
 // ---------------------------------------------------------------------------
 // Helpers.
 // ---------------------------------------------------------------------------
-
-/// A long string, the type RabbitMQ uses for every text in `x-death`.
-fn ls(s: &str) -> AMQPValue {
-    AMQPValue::LongString(s.into())
-}
-
-fn table(pairs: &[(&str, AMQPValue)]) -> FieldTable {
-    let mut t = FieldTable::default();
-    for (k, v) in pairs {
-        t.insert((*k).into(), v.clone());
-    }
-    t
-}
 
 /// Queue arguments naming a dead-letter exchange, plus `extra`.
 fn dlx_args(dlx: &str, extra: &[(&str, AMQPValue)]) -> FieldTable {
@@ -218,20 +207,6 @@ fn assert_first_death(msg: &BasicGetMessage, reason: &str, queue: &str, exchange
     assert_eq!(h.get("x-first-death-reason"), Some(&ls(reason)));
     assert_eq!(h.get("x-first-death-queue"), Some(&ls(queue)));
     assert_eq!(h.get("x-first-death-exchange"), Some(&ls(exchange)));
-}
-
-/// Publishes on a confirm channel and returns the confirmation.
-async fn publish_confirmed(ch: &Channel, queue: &str, body: &[u8]) -> Confirmation {
-    let confirm = within(ch.basic_publish(
-        "".into(),
-        queue.into(),
-        BasicPublishOptions::default(),
-        body,
-        BasicProperties::default(),
-    ))
-    .await
-    .expect("basic.publish");
-    within(confirm).await.expect("publisher confirm")
 }
 
 // ---------------------------------------------------------------------------
@@ -913,8 +888,7 @@ async fn dead_letters_in_a_durable_queue_survive_restart_with_x_death() {
     let dir = hare_suite::temp_data_dir("dlx-restart");
     let data = dir.join("data");
     let broker = start_process(&data).await;
-    let conn = connect_url(&broker.url()).await.expect("connect");
-    let ch = within(conn.create_channel()).await.expect("channel");
+    let (conn, ch) = open(&broker.url()).await;
     let (q, dlq) = (unique("q"), unique("dlq"));
     let durable = QueueDeclareOptions {
         durable: true,
@@ -941,8 +915,7 @@ async fn dead_letters_in_a_durable_queue_survive_restart_with_x_death() {
     drop(conn);
 
     let broker = restart_process(broker, &data).await;
-    let conn = connect_url(&broker.url()).await.expect("reconnect");
-    let ch = within(conn.create_channel()).await.expect("channel");
+    let (conn, ch) = open(&broker.url()).await;
     assert_eq!(message_count(&ch, &q).await, 0);
     let first = get_one(&ch, &dlq).await;
     assert_eq!(body(&first), "rejected");
@@ -964,31 +937,4 @@ async fn dead_letters_in_a_durable_queue_survive_restart_with_x_death() {
     drop(conn);
     drop(broker);
     let _ = std::fs::remove_dir_all(dir);
-}
-
-async fn start_process(data: &std::path::Path) -> hare_suite::BrokerProcess {
-    let dir = data.to_owned();
-    let job = tokio::task::spawn_blocking(move || {
-        hare_suite::BrokerProcess::start(env!("CARGO_BIN_EXE_hare"), &dir, &[])
-    });
-    match tokio::time::timeout(Duration::from_secs(40), job).await {
-        Ok(Ok(Ok(broker))) => broker,
-        Ok(Ok(Err(e))) => panic!("start hare on {}: {e}", data.display()),
-        Ok(Err(e)) => panic!("start task failed: {e}"),
-        Err(_) => panic!("starting hare took more than 40 s"),
-    }
-}
-
-/// SIGTERM, then a new broker on the same data dir.
-async fn restart_process(
-    broker: hare_suite::BrokerProcess,
-    data: &std::path::Path,
-) -> hare_suite::BrokerProcess {
-    let job = tokio::task::spawn_blocking(move || broker.terminate(Duration::from_secs(10)));
-    let status = tokio::time::timeout(Duration::from_secs(15), job)
-        .await
-        .expect("terminate hung")
-        .expect("terminate task");
-    assert!(status.is_some(), "hare did not exit after SIGTERM");
-    start_process(data).await
 }

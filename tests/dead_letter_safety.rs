@@ -2,34 +2,24 @@
 //! restart with messages that expired while the broker was down, and a long
 //! chain of dead-lettering queues. Hare-only: they restart the `hare` process.
 
+mod common;
+
 use std::time::Duration;
 
+use common::args::text as ls;
+use common::process::start_process;
 use lapin::options::{
     BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
     QueueDeclareOptions,
 };
-use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Connection, ConnectionProperties, ExchangeKind};
-
-async fn start(data: &std::path::Path) -> hare_suite::BrokerProcess {
-    let dir = data.to_owned();
-    tokio::task::spawn_blocking(move || {
-        hare_suite::BrokerProcess::start(env!("CARGO_BIN_EXE_hare"), &dir, &[])
-    })
-    .await
-    .unwrap()
-    .expect("start hare")
-}
 
 fn durable() -> QueueDeclareOptions {
     QueueDeclareOptions {
         durable: true,
         ..Default::default()
     }
-}
-
-fn ls(s: &str) -> AMQPValue {
-    AMQPValue::LongString(LongString::from(s.as_bytes().to_vec()))
 }
 
 async fn count(ch: &lapin::Channel, q: &str) -> u32 {
@@ -53,7 +43,7 @@ async fn count(ch: &lapin::Channel, q: &str) -> u32 {
 async fn expired_while_down_reach_a_dlq_bound_through_an_exchange() {
     let dir = hare_suite::temp_data_dir("review-dlx-restart");
     let data = dir.join("data");
-    let broker = start(&data).await;
+    let broker = start_process(&data).await;
     let conn = Connection::connect(&broker.url(), ConnectionProperties::default())
         .await
         .unwrap();
@@ -130,7 +120,7 @@ async fn expired_while_down_reach_a_dlq_bound_through_an_exchange() {
     assert!(status.is_some());
     tokio::time::sleep(Duration::from_millis(400)).await;
 
-    let broker = start(&data).await;
+    let broker = start_process(&data).await;
     let conn = Connection::connect(&broker.url(), ConnectionProperties::default())
         .await
         .unwrap();
@@ -161,7 +151,7 @@ async fn dead_lettering_then_kill9_loses_nothing() {
     const N: usize = 20_000;
     let dir = hare_suite::temp_data_dir("review-dlx-kill9");
     let data = dir.join("data");
-    let broker = start(&data).await;
+    let broker = start_process(&data).await;
     let conn = Connection::connect(&broker.url(), ConnectionProperties::default())
         .await
         .unwrap();
@@ -274,7 +264,7 @@ async fn dead_lettering_then_kill9_loses_nothing() {
     noise_task.abort();
     drop((conn, noise_conn, watch_conn));
 
-    let broker = start(&data).await;
+    let broker = start_process(&data).await;
     let conn = Connection::connect(&broker.url(), ConnectionProperties::default())
         .await
         .unwrap();
@@ -299,7 +289,7 @@ async fn long_dead_letter_chain_does_not_crash_the_broker() {
     const N: usize = 1500;
     let dir = hare_suite::temp_data_dir("review-dlx-chain");
     let data = dir.join("data");
-    let broker = start(&data).await;
+    let broker = start_process(&data).await;
     let conn = Connection::connect(&broker.url(), ConnectionProperties::default())
         .await
         .unwrap();

@@ -12,32 +12,21 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use common::args::{table, text};
+use common::process::{open, start_process};
 use common::*;
-use hare_suite::BrokerProcess;
 use lapin::options::{
     BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
     ExchangeDeleteOptions, QueueDeclareOptions,
 };
-use lapin::types::{AMQPValue, FieldTable, LongString};
-use lapin::{BasicProperties, Channel, Confirmation, Connection, ExchangeKind};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Channel, Confirmation, ExchangeKind};
 
 const DELAYED: &str = "x-delayed-message";
 const INVALID_TYPE: &str = "Invalid argument, 'x-delayed-type' must be an existing exchange type";
-
-fn text(v: &str) -> AMQPValue {
-    AMQPValue::LongString(LongString::from(v))
-}
-
-fn table(entries: &[(&str, AMQPValue)]) -> FieldTable {
-    let mut t = FieldTable::default();
-    for (k, v) in entries {
-        t.insert((*k).into(), v.clone());
-    }
-    t
-}
 
 /// Properties carrying `x-delay` (any AMQP integer width) and nothing else.
 fn delay(value: AMQPValue) -> BasicProperties {
@@ -402,24 +391,6 @@ impl Drop for Scratch {
     }
 }
 
-async fn start(data_dir: &Path) -> BrokerProcess {
-    let dir = data_dir.to_owned();
-    let job = tokio::task::spawn_blocking(move || {
-        BrokerProcess::start(env!("CARGO_BIN_EXE_hare"), &dir, &[])
-    });
-    tokio::time::timeout(Duration::from_secs(40), job)
-        .await
-        .expect("hare starts within 40 s")
-        .expect("start task")
-        .expect("start hare")
-}
-
-async fn open(broker: &BrokerProcess) -> (Connection, Channel) {
-    let conn = connect_url(&broker.url()).await.expect("connect");
-    let ch = within(conn.create_channel()).await.expect("channel");
-    (conn, ch)
-}
-
 /// A durable delayed exchange (direct) and a durable queue bound to it with `k`.
 async fn durable_setup(ch: &Channel) -> (String, String) {
     let x = unique("delayed-durable");
@@ -465,8 +436,8 @@ fn persistent(props: BasicProperties) -> BasicProperties {
 #[tokio::test]
 async fn confirmed_persistent_delayed_message_survives_kill9() {
     let scratch = Scratch::new("kill9");
-    let broker = start(&scratch.data()).await;
-    let (conn, ch) = open(&broker).await;
+    let broker = start_process(&scratch.data()).await;
+    let (conn, ch) = open(&broker.url()).await;
     let (x, q) = durable_setup(&ch).await;
     within(ch.confirm_select(ConfirmSelectOptions::default()))
         .await
@@ -478,8 +449,8 @@ async fn confirmed_persistent_delayed_message_survives_kill9() {
     let job = tokio::task::spawn_blocking(move || broker.kill9());
     within(job).await.expect("kill -9");
 
-    let broker = start(&scratch.data()).await;
-    let (_conn, ch) = open(&broker).await;
+    let broker = start_process(&scratch.data()).await;
+    let (_conn, ch) = open(&broker.url()).await;
     // The exchange comes back as a delayed one with its arguments.
     declare_delayed(&ch, &x, Some("direct"), true)
         .await
@@ -501,8 +472,8 @@ async fn confirmed_persistent_delayed_message_survives_kill9() {
 #[tokio::test]
 async fn transient_delayed_message_does_not_survive_restart() {
     let scratch = Scratch::new("transient");
-    let broker = start(&scratch.data()).await;
-    let (conn, ch) = open(&broker).await;
+    let broker = start_process(&scratch.data()).await;
+    let (conn, ch) = open(&broker.url()).await;
     let (x, q) = durable_setup(&ch).await;
     within(ch.confirm_select(ConfirmSelectOptions::default()))
         .await
@@ -513,8 +484,8 @@ async fn transient_delayed_message_does_not_survive_restart() {
     let job = tokio::task::spawn_blocking(move || broker.kill9());
     within(job).await.expect("kill -9");
 
-    let broker = start(&scratch.data()).await;
-    let (_conn, ch) = open(&broker).await;
+    let broker = start_process(&scratch.data()).await;
+    let (_conn, ch) = open(&broker.url()).await;
     let mut consumer = consume(&ch, &q, true).await;
     let got = next_delivery(&mut consumer).await;
     assert_eq!(got.data, b"persistent");

@@ -17,62 +17,20 @@
 
 mod common;
 
-use std::time::Duration;
-
+use common::args::{int, table, text};
+use common::process::{open, restart_process, start_process};
 use common::*;
-use hare_suite::BrokerProcess;
 use lapin::message::Delivery;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions,
-    BasicQosOptions, ConfirmSelectOptions, ExchangeBindOptions, ExchangeDeclareOptions,
-    QueueDeclareOptions, QueueDeleteOptions,
+    BasicQosOptions, ExchangeBindOptions, ExchangeDeclareOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{BasicProperties, Channel, Confirmation, Connection, Consumer, ExchangeKind};
+use lapin::{BasicProperties, Channel, Confirmation, Consumer, ExchangeKind};
 
 // ---------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------
-
-fn int(v: i64) -> AMQPValue {
-    AMQPValue::LongLongInt(v)
-}
-
-fn text(s: &str) -> AMQPValue {
-    AMQPValue::LongString(s.into())
-}
-
-fn table(pairs: &[(&str, AMQPValue)]) -> FieldTable {
-    let mut t = FieldTable::default();
-    for (k, v) in pairs {
-        t.insert((*k).into(), v.clone());
-    }
-    t
-}
-
-async fn declare_with(ch: &Channel, prefix: &str, arguments: &[(&str, AMQPValue)]) -> String {
-    let name = unique(prefix);
-    within(ch.queue_declare(
-        name.as_str().into(),
-        QueueDeclareOptions::default(),
-        table(arguments),
-    ))
-    .await
-    .unwrap_or_else(|e| panic!("declare {name}: {e}"));
-    name
-}
-
-async fn delete_queue(ch: &Channel, q: &str) {
-    within(ch.queue_delete(q.into(), QueueDeleteOptions::default()))
-        .await
-        .expect("queue.delete");
-}
-
-async fn delete_exchange(ch: &Channel, x: &str) {
-    within(ch.exchange_delete(x.into(), Default::default()))
-        .await
-        .expect("exchange.delete");
-}
 
 async fn publish_priority(ch: &Channel, q: &str, body: &str, priority: Option<u8>) {
     let props = match priority {
@@ -127,17 +85,7 @@ fn bodies(ds: &[Delivery]) -> Vec<String> {
 }
 
 async fn consumer_count(ch: &Channel, q: &str) -> u32 {
-    within(ch.queue_declare(
-        q.into(),
-        QueueDeclareOptions {
-            passive: true,
-            ..Default::default()
-        },
-        FieldTable::default(),
-    ))
-    .await
-    .expect("passive declare")
-    .consumer_count()
+    passive_declare(ch, q).await.consumer_count()
 }
 
 // ---------------------------------------------------------------------------
@@ -493,22 +441,6 @@ async fn publish_confirmed(
     within(confirm).await.expect("confirm")
 }
 
-/// A context whose channel is in confirm mode: every publish helper waits for
-/// its confirm, which RabbitMQ sends once the queue has taken the message. Its
-/// queue process answers passive declares and acks ahead of queued publishes,
-/// so without that barrier counts and orders would race.
-async fn setup_confirmed() -> Ctx {
-    let ctx = setup().await;
-    confirm_select(&ctx.ch).await;
-    ctx
-}
-
-async fn confirm_select(ch: &Channel) {
-    within(ch.confirm_select(ConfirmSelectOptions::default()))
-        .await
-        .expect("confirm.select");
-}
-
 fn returned_with_no_route(c: Confirmation) {
     match c {
         Confirmation::Ack(Some(r)) => {
@@ -709,12 +641,6 @@ async fn alternate_exchange_with_exchange_to_exchange_bindings() {
 // Restart (Hare-only: RabbitMQ cannot be restarted from a test)
 // ---------------------------------------------------------------------------
 
-async fn open(url: &str) -> (Connection, Channel) {
-    let conn = connect_url(url).await.expect("connect");
-    let ch = within(conn.create_channel()).await.expect("channel");
-    (conn, ch)
-}
-
 #[tokio::test]
 async fn durable_priority_queue_recovers_in_priority_order() {
     // Hare-only: restarts a broker process; HARE_TEST_URL cannot be restarted.
@@ -724,7 +650,7 @@ async fn durable_priority_queue_recovers_in_priority_order() {
     let dir = hare_suite::temp_data_dir("do-restart");
     let data = dir.join("data");
     let q = unique("do-restart");
-    let broker = BrokerProcess::start(env!("CARGO_BIN_EXE_hare"), &data, &[]).expect("start hare");
+    let broker = start_process(&data).await;
     {
         let (conn, ch) = open(&broker.url()).await;
         within(ch.queue_declare(
@@ -749,13 +675,7 @@ async fn durable_priority_queue_recovers_in_priority_order() {
         publish_priority(&ch, &q, "transient", Some(5)).await;
         let _ = within(conn.close(200, "bye".into())).await;
     }
-    assert!(
-        broker.terminate(Duration::from_secs(10)).is_some(),
-        "clean stop"
-    );
-
-    let broker =
-        BrokerProcess::start(env!("CARGO_BIN_EXE_hare"), &data, &[]).expect("restart hare");
+    let broker = restart_process(broker, &data).await;
     let (conn, ch) = open(&broker.url()).await;
     assert_eq!(message_count(&ch, &q).await, 8);
     // Published after the restart: still behind the recovered 5s, ahead of the 3s.

@@ -24,76 +24,20 @@ use std::time::Duration;
 
 use amq_protocol::frame::AMQPFrame;
 use amq_protocol::protocol::{basic, confirm, AMQPClass};
+use common::args::{int, table, text};
+use common::process::{open, restart_process, start_process};
 use common::raw::{self, Raw};
 use common::*;
-use hare_suite::BrokerProcess;
 use lapin::options::{
     BasicAckOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
+    QueueDeclareOptions,
 };
-use lapin::types::{AMQPValue, FieldTable};
-use lapin::{BasicProperties, Channel, Confirmation, Connection, ExchangeKind};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel, Confirmation, ExchangeKind};
 
 // ---------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------
-
-fn int(v: i64) -> AMQPValue {
-    AMQPValue::LongLongInt(v)
-}
-
-fn text(s: &str) -> AMQPValue {
-    AMQPValue::LongString(s.into())
-}
-
-fn table(pairs: &[(&str, AMQPValue)]) -> FieldTable {
-    let mut t = FieldTable::default();
-    for (k, v) in pairs {
-        t.insert((*k).into(), v.clone());
-    }
-    t
-}
-
-/// Declares a non-durable queue with `arguments` and a unique name.
-async fn declare_with(ch: &Channel, prefix: &str, arguments: &[(&str, AMQPValue)]) -> String {
-    let name = unique(prefix);
-    within(ch.queue_declare(
-        name.as_str().into(),
-        QueueDeclareOptions::default(),
-        table(arguments),
-    ))
-    .await
-    .unwrap_or_else(|e| panic!("declare {name}: {e}"));
-    name
-}
-
-async fn delete_queue(ch: &Channel, q: &str) {
-    within(ch.queue_delete(q.into(), QueueDeleteOptions::default()))
-        .await
-        .expect("queue.delete");
-}
-
-async fn delete_exchange(ch: &Channel, x: &str) {
-    within(ch.exchange_delete(x.into(), Default::default()))
-        .await
-        .expect("exchange.delete");
-}
-
-/// A context whose channel is in confirm mode: every publish helper waits for
-/// its confirm, which RabbitMQ sends once the queue has taken the message. Its
-/// queue process answers passive declares and acks ahead of queued publishes,
-/// so without that barrier counts and orders would race.
-async fn setup_confirmed() -> Ctx {
-    let ctx = setup().await;
-    confirm_select(&ctx.ch).await;
-    ctx
-}
-
-async fn confirm_select(ch: &Channel) {
-    within(ch.confirm_select(ConfirmSelectOptions::default()))
-        .await
-        .expect("confirm.select");
-}
 
 /// Publishes every body before waiting for any confirm, then returns the
 /// confirms in publish order.
@@ -675,16 +619,6 @@ async fn reject_publish_dlx_nacks_and_dead_letters_with_reason_maxlen() {
 // Restart (Hare-only: RabbitMQ cannot be restarted from a test)
 // ---------------------------------------------------------------------------
 
-fn start_hare(data: &std::path::Path) -> BrokerProcess {
-    BrokerProcess::start(env!("CARGO_BIN_EXE_hare"), data, &[]).expect("start hare")
-}
-
-async fn open(url: &str) -> (Connection, Channel) {
-    let conn = connect_url(url).await.expect("connect");
-    let ch = within(conn.create_channel()).await.expect("channel");
-    (conn, ch)
-}
-
 async fn publish_persistent(ch: &Channel, q: &str, body: &str) {
     publish_with(
         ch,
@@ -705,7 +639,7 @@ async fn max_length_bytes_accounting_survives_a_restart() {
     let dir = hare_suite::temp_data_dir("ql-restart");
     let data = dir.join("data");
     let q = unique("ql-restart");
-    let broker = start_hare(&data);
+    let broker = start_process(&data).await;
     {
         let (conn, ch) = open(&broker.url()).await;
         within(ch.queue_declare(
@@ -724,12 +658,7 @@ async fn max_length_bytes_accounting_survives_a_restart() {
         }
         let _ = within(conn.close(200, "bye".into())).await;
     }
-    assert!(
-        broker.terminate(Duration::from_secs(10)).is_some(),
-        "clean stop"
-    );
-
-    let broker = start_hare(&data);
+    let broker = restart_process(broker, &data).await;
     let (conn, ch) = open(&broker.url()).await;
     assert_eq!(message_count(&ch, &q).await, 3);
     // 10 bytes recovered: one more byte pushes out "aaa" and nothing else.

@@ -16,12 +16,13 @@ use std::time::{Duration, Instant};
 use amq_protocol::frame::AMQPFrame;
 use amq_protocol::protocol::{basic, connection, AMQPClass};
 use amq_protocol::types::{AMQPValue, FieldTable, LongString};
+use common::delete_queue;
 use common::raw::{self, body, content_header, encode, method, publish, Raw};
 use common::{bind, message_count, send, sync_probe, wait_message_count, within};
 use common::{cancel, collect_bodies, connect, consume, declare_exchange, declare_queue, unique};
 use hare_suite::TestBroker;
+use lapin::options::ExchangeDeleteOptions;
 use lapin::options::{BasicAckOptions, BasicGetOptions, BasicPublishOptions};
-use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
 use lapin::{BasicProperties, ExchangeKind};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -77,12 +78,6 @@ async fn expect_get_ok(raw: &mut Raw, ch: u16) -> (u64, bool, Vec<u8>) {
         }
     }
     (ok.delivery_tag, ok.redelivered, data)
-}
-
-async fn delete_queue(ch: &lapin::Channel, queue: &str) {
-    within(ch.queue_delete(queue.into(), QueueDeleteOptions::default()))
-        .await
-        .unwrap_or_else(|e| panic!("delete queue {queue}: {e}"));
 }
 
 /// Polls `queue`'s message count over `raw`'s channel `ch` until it is

@@ -5,9 +5,10 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use common::args::{table, text as s};
 use common::*;
 use lapin::options::{BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions};
-use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Confirmation, ExchangeKind};
 
 const MARKER: &str = "--marker--";
@@ -39,18 +40,6 @@ async fn bodies_until_marker(ch: &Channel, queue: &str) -> Vec<String> {
             }
         }
     }
-}
-
-async fn delete_queue(ch: &Channel, q: &str) {
-    within(ch.queue_delete(q.into(), Default::default()))
-        .await
-        .expect("delete queue");
-}
-
-async fn delete_exchange(ch: &Channel, x: &str) {
-    within(ch.exchange_delete(x.into(), Default::default()))
-        .await
-        .expect("delete exchange");
 }
 
 #[tokio::test]
@@ -221,18 +210,6 @@ async fn topic_matching_semantics() {
     }
     delete_exchange(&ctx.ch, &x).await;
     assert!(failures.is_empty(), "{}", failures.join("\n"));
-}
-
-fn table(entries: &[(&str, AMQPValue)]) -> FieldTable {
-    let mut t = FieldTable::default();
-    for (k, v) in entries {
-        t.insert((*k).into(), v.clone());
-    }
-    t
-}
-
-fn s(v: &str) -> AMQPValue {
-    AMQPValue::LongString(LongString::from(v))
 }
 
 /// Binds one queue per binding-argument set to a headers exchange, publishes one

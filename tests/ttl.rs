@@ -17,6 +17,8 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use common::args::{table, text as ls};
+use common::process::{open, restart_process, start_process};
 use common::*;
 use lapin::options::{
     BasicAckOptions, BasicGetOptions, BasicNackOptions, BasicQosOptions, QueueDeclareOptions,
@@ -30,18 +32,6 @@ use lapin::{BasicProperties, Channel, Connection};
 
 fn int(v: i32) -> AMQPValue {
     AMQPValue::LongInt(v)
-}
-
-fn ls(s: &str) -> AMQPValue {
-    AMQPValue::LongString(s.into())
-}
-
-fn table(pairs: &[(&str, AMQPValue)]) -> FieldTable {
-    let mut t = FieldTable::default();
-    for (k, v) in pairs {
-        t.insert((*k).into(), v.clone());
-    }
-    t
 }
 
 fn expiring(ms: &str) -> BasicProperties {
@@ -481,8 +471,7 @@ async fn expiry_deadlines_survive_a_restart() {
     let dir = hare_suite::temp_data_dir("ttl-restart");
     let data = dir.join("data");
     let broker = start_process(&data).await;
-    let conn = connect_url(&broker.url()).await.expect("connect");
-    let ch = within(conn.create_channel()).await.expect("channel");
+    let (conn, ch) = open(&broker.url()).await;
     let (by_queue, by_message) = (unique("by-queue"), unique("by-message"));
     let durable = QueueDeclareOptions {
         durable: true,
@@ -513,8 +502,7 @@ async fn expiry_deadlines_survive_a_restart() {
     until(start, 600).await;
 
     let broker = restart_process(broker, &data).await;
-    let conn = connect_url(&broker.url()).await.expect("reconnect");
-    let ch = within(conn.create_channel()).await.expect("channel");
+    let (conn, ch) = open(&broker.url()).await;
     count_before(&ch, &by_queue, 1, start, 1500).await;
     count_before(&ch, &by_message, 1, start, 1500).await;
     // A fresh TTL from the restart would last until at least 2100 ms.
@@ -533,8 +521,7 @@ async fn messages_that_expired_while_down_are_dead_lettered_on_start() {
     let dir = hare_suite::temp_data_dir("ttl-down");
     let data = dir.join("data");
     let broker = start_process(&data).await;
-    let conn = connect_url(&broker.url()).await.expect("connect");
-    let ch = within(conn.create_channel()).await.expect("channel");
+    let (conn, ch) = open(&broker.url()).await;
     let (q, dlq) = (unique("q"), unique("dlq"));
     let durable = QueueDeclareOptions {
         durable: true,
@@ -561,39 +548,11 @@ async fn messages_that_expired_while_down_are_dead_lettered_on_start() {
     until(start, 500).await;
 
     let broker = start_process(&data).await;
-    let conn = connect_url(&broker.url()).await.expect("reconnect");
-    let ch = within(conn.create_channel()).await.expect("channel");
+    let (conn, ch) = open(&broker.url()).await;
     wait_message_count(&ch, &dlq, 1).await;
     assert_eq!(message_count(&ch, &q).await, 0);
     assert_eq!(get(&ch, &dlq).await.as_deref(), Some("expires while down"));
     drop(conn);
     drop(broker);
     let _ = std::fs::remove_dir_all(dir);
-}
-
-async fn start_process(data: &std::path::Path) -> hare_suite::BrokerProcess {
-    let dir = data.to_owned();
-    let job = tokio::task::spawn_blocking(move || {
-        hare_suite::BrokerProcess::start(env!("CARGO_BIN_EXE_hare"), &dir, &[])
-    });
-    match tokio::time::timeout(Duration::from_secs(40), job).await {
-        Ok(Ok(Ok(broker))) => broker,
-        Ok(Ok(Err(e))) => panic!("start hare on {}: {e}", data.display()),
-        Ok(Err(e)) => panic!("start task failed: {e}"),
-        Err(_) => panic!("starting hare took more than 40 s"),
-    }
-}
-
-/// SIGTERM, then a new broker on the same data dir.
-async fn restart_process(
-    broker: hare_suite::BrokerProcess,
-    data: &std::path::Path,
-) -> hare_suite::BrokerProcess {
-    let job = tokio::task::spawn_blocking(move || broker.terminate(Duration::from_secs(10)));
-    let status = tokio::time::timeout(Duration::from_secs(15), job)
-        .await
-        .expect("terminate hung")
-        .expect("terminate task");
-    assert!(status.is_some(), "hare did not exit after SIGTERM");
-    start_process(data).await
 }

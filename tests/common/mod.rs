@@ -12,15 +12,17 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::StreamExt;
 use lapin::options::{
-    BasicConsumeOptions, BasicPublishOptions, ExchangeDeclareOptions, QueueBindOptions,
-    QueueDeclareOptions,
+    BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
+    QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::protocol::{AMQPErrorKind, BasicProperties};
-use lapin::types::FieldTable;
+use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Connection, ConnectionProperties, Consumer, ExchangeKind};
 
 pub use hare_suite::TestBroker;
 
+pub mod args;
+pub mod process;
 pub mod raw;
 
 /// Upper bound for any single wait on the broker.
@@ -103,6 +105,23 @@ pub async fn setup() -> Ctx {
         conn,
         broker,
     }
+}
+
+/// A context whose channel is in confirm mode: every publish helper waits for
+/// its confirm, which RabbitMQ sends once the queue has taken the message. Its
+/// queue process answers passive declares and acks ahead of queued publishes,
+/// so without that barrier counts and orders would race.
+pub async fn setup_confirmed() -> Ctx {
+    let ctx = setup().await;
+    confirm_select(&ctx.ch).await;
+    ctx
+}
+
+/// Puts `ch` in confirm mode.
+pub async fn confirm_select(ch: &Channel) {
+    within(ch.confirm_select(ConfirmSelectOptions::default()))
+        .await
+        .expect("confirm.select");
 }
 
 /// Collects the errors lapin reports for a connection (channel.close /
@@ -278,6 +297,33 @@ pub async fn declare_named_queue(ch: &Channel, name: &str) {
     .unwrap_or_else(|e| panic!("declare queue {name}: {e}"));
 }
 
+/// Declares a non-durable queue with `arguments` and a unique name.
+pub async fn declare_with(ch: &Channel, prefix: &str, arguments: &[(&str, AMQPValue)]) -> String {
+    let name = unique(prefix);
+    within(ch.queue_declare(
+        name.as_str().into(),
+        QueueDeclareOptions::default(),
+        args::table(arguments),
+    ))
+    .await
+    .unwrap_or_else(|e| panic!("declare {name}: {e}"));
+    name
+}
+
+/// Deletes queue `q` (tests against the shared RabbitMQ clean up after themselves).
+pub async fn delete_queue(ch: &Channel, q: &str) {
+    within(ch.queue_delete(q.into(), QueueDeleteOptions::default()))
+        .await
+        .expect("queue.delete");
+}
+
+/// Deletes exchange `x`.
+pub async fn delete_exchange(ch: &Channel, x: &str) {
+    within(ch.exchange_delete(x.into(), Default::default()))
+        .await
+        .expect("exchange.delete");
+}
+
 /// Declares an exchange of `kind` with a unique name (non-durable, auto-delete off).
 pub async fn declare_exchange(ch: &Channel, prefix: &str, kind: ExchangeKind) -> String {
     let name = unique(prefix);
@@ -329,6 +375,21 @@ pub async fn publish_with(
     .await
     .expect("basic.publish");
     within(confirm).await.expect("publisher confirm");
+}
+
+/// Publishes `body` to `queue` on a confirm channel and returns the
+/// confirmation, for tests that look at the ack or nack itself.
+pub async fn publish_confirmed(ch: &Channel, queue: &str, body: &[u8]) -> lapin::Confirmation {
+    let confirm = within(ch.basic_publish(
+        "".into(),
+        queue.into(),
+        BasicPublishOptions::default(),
+        body,
+        BasicProperties::default(),
+    ))
+    .await
+    .expect("basic.publish");
+    within(confirm).await.expect("publisher confirm")
 }
 
 /// Publishes to the default exchange (straight into `queue`).
@@ -416,8 +477,8 @@ pub async fn drain(ch: &Channel, queue: &str) -> Vec<String> {
     }
 }
 
-/// Message count of `queue` via a passive declare.
-pub async fn message_count(ch: &Channel, queue: &str) -> u32 {
+/// A passive declare of `queue`: its message and consumer counts.
+pub async fn passive_declare(ch: &Channel, queue: &str) -> lapin::Queue {
     within(ch.queue_declare(
         queue.into(),
         QueueDeclareOptions {
@@ -428,7 +489,11 @@ pub async fn message_count(ch: &Channel, queue: &str) -> u32 {
     ))
     .await
     .unwrap_or_else(|e| panic!("passive declare {queue}: {e}"))
-    .message_count()
+}
+
+/// Message count of `queue` via a passive declare.
+pub async fn message_count(ch: &Channel, queue: &str) -> u32 {
+    passive_declare(ch, queue).await.message_count()
 }
 
 /// Polls `queue`'s message count until it equals `expected` (deliveries and requeues
