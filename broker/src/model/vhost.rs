@@ -106,31 +106,13 @@ impl VHost {
             delayed: Delayed::new(me.clone(), timers.clone()),
             timers,
             me: me.clone(),
-            default_exchange: Arc::new(Exchange::new(
-                String::new(),
-                ExchangeOptions {
-                    kind: ExchangeKind::Direct,
-                    delayed: false,
-                    durable: true,
-                    auto_delete: false,
-                    internal: false,
-                    arguments: FieldTable::default(),
-                },
-            )),
+            default_exchange: system_exchange("", ExchangeKind::Direct),
         });
         for (ex_name, kind) in PREDECLARED {
-            let options = ExchangeOptions {
-                kind: *kind,
-                delayed: false,
-                durable: true,
-                auto_delete: false,
-                internal: false,
-                arguments: FieldTable::default(),
-            };
             let exchange = if ex_name.is_empty() {
                 vhost.default_exchange.clone()
             } else {
-                Arc::new(Exchange::new((*ex_name).to_owned(), options))
+                system_exchange(ex_name, *kind)
             };
             vhost
                 .exchanges
@@ -753,6 +735,19 @@ impl VHost {
         }
         self.exchange(name)
     }
+}
+
+/// One of the exchanges every vhost has: durable, plain, no arguments.
+fn system_exchange(name: &str, kind: ExchangeKind) -> Arc<Exchange> {
+    let options = ExchangeOptions {
+        kind,
+        delayed: false,
+        durable: true,
+        auto_delete: false,
+        internal: false,
+        arguments: FieldTable::default(),
+    };
+    Arc::new(Exchange::new(name.to_owned(), options))
 }
 
 /// Names like RabbitMQ's `amq.gen-XXXXXXXXXXXXXXXXXXXXXX` (random, URL-safe).

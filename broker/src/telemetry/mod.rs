@@ -182,23 +182,17 @@ impl Metrics {
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
         let (opened, closed) = (load(&c.connections_opened), load(&c.connections_closed));
         let (ch_opened, ch_closed) = (load(&c.channels_opened), load(&c.channels_closed));
-        self.counter("hare_connections_opened_total", &[])
-            .absolute(opened);
-        self.counter("hare_connections_closed_total", &[])
-            .absolute(closed);
-        self.counter("hare_channels_opened_total", &[])
-            .absolute(ch_opened);
-        self.counter("hare_channels_closed_total", &[])
-            .absolute(ch_closed);
-        self.gauge("hare_connections", &[])
-            .set(opened.saturating_sub(closed) as f64);
-        self.gauge("hare_channels", &[])
-            .set(ch_opened.saturating_sub(ch_closed) as f64);
-        self.gauge("hare_consumers", &[]).set(consumers as f64);
-        self.gauge("hare_process_open_fds", &[])
-            .set(open_fds() as f64);
+        let count = |name, value: u64| self.counter(name, &[]).absolute(value);
+        let set = |name, value: u64| self.gauge(name, &[]).set(value as f64);
+        count("hare_connections_opened_total", opened);
+        count("hare_connections_closed_total", closed);
+        count("hare_channels_opened_total", ch_opened);
+        count("hare_channels_closed_total", ch_closed);
+        set("hare_connections", opened.saturating_sub(closed));
+        set("hare_channels", ch_opened.saturating_sub(ch_closed));
+        set("hare_consumers", consumers);
+        set("hare_process_open_fds", open_fds() as u64);
         if let Some(r) = resources {
-            let set = |name, value: u64| self.gauge(name, &[]).set(value as f64);
             set(
                 "hare_process_resident_memory_bytes",
                 r.resident_memory_bytes(),
