@@ -240,7 +240,12 @@ impl Alarms {
 
     /// Samples memory and disk and raises or clears the alarms.
     pub fn check(&self) -> AlarmState {
-        if let Some(rss) = rss_bytes() {
+        if let Some(mut rss) = rss_bytes() {
+            if rss > self.memory_limit_bytes() && release_free_memory() {
+                // The allocator keeps freed memory for reuse; over the limit
+                // it is handed back first, so drained queues clear the alarm.
+                rss = rss_bytes().unwrap_or(rss);
+            }
             self.rss.store(rss, Ordering::Relaxed);
         }
         match disk_free_bytes(&self.data_dir) {
@@ -326,6 +331,21 @@ fn page_size() -> u64 {
         size as u64
     } else {
         4096
+    }
+}
+
+/// Returns the allocator's free pages to the system (glibc keeps them for
+/// reuse, so RSS would stay at its peak). True if anything could be done.
+fn release_free_memory() -> bool {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: malloc_trim only walks the allocator's own free lists.
+        unsafe { libc::malloc_trim(0) };
+        true
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    {
+        false
     }
 }
 

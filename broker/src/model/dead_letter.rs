@@ -43,14 +43,10 @@ impl VHost {
     /// Republishes what `from` let go of to its dead-letter exchange. A missing
     /// exchange, or no queue bound, drops the messages, as in RabbitMQ.
     pub(crate) fn dead_letter(&self, from: &Queue, dead: Vec<(QueuedMessage, Reason)>) {
-        // Whatever happens to each dead letter, the source's journal entry
+        // Whatever happens to each dead letter, the source's entry on disk
         // goes last: after the copy is enqueued (a crash in between yields
         // a duplicate, never a loss), or when it is dropped.
-        let forget = |queued: &QueuedMessage| {
-            if let Some(journal) = &from.journal {
-                journal.removed(queued);
-            }
-        };
+        let forget = |queued: &QueuedMessage| from.forget(queued);
         let Some(dlx) = from.args.dead_letter_exchange.as_deref() else {
             dead.iter().for_each(|(queued, _)| forget(queued));
             return;
@@ -66,11 +62,8 @@ impl VHost {
             },
         };
         let now_secs = now_ms() / 1000;
-        for (mut queued, reason) in dead {
-            let Some(content) = queued.load() else {
-                forget(&queued);
-                continue;
-            };
+        for (queued, reason) in dead {
+            let content = queued.message.clone();
             let routing_key = from
                 .args
                 .dead_letter_routing_key
@@ -91,8 +84,6 @@ impl VHost {
             }
             self.enqueue(&route.queues, message);
             forget(&queued);
-            // The source's body on disk goes with `queued`, after both.
-            drop(queued);
         }
     }
 }

@@ -30,8 +30,9 @@ use super::message::Message;
 use super::publish::Published;
 use super::timers::{now_ms, Timed, Timers};
 use super::vhost::VHost;
+use super::records;
 use crate::error::{AmqpError, AmqpResult};
-use crate::store::DelayedRecord;
+use crate::store::StoreError;
 
 /// The declared exchange type.
 pub const EXCHANGE_TYPE: &str = "x-delayed-message";
@@ -60,6 +61,45 @@ pub fn routing_kind(arguments: &FieldTable) -> AmqpResult<ExchangeKind> {
 pub fn delay_of(message: &Message) -> Option<u64> {
     let delay = args::integer(message.headers()?.inner().get(DELAY_HEADER)?)?;
     (delay > 0).then(|| u64::try_from(delay).unwrap_or(u64::MAX))
+}
+
+/// A delayed message found on disk, with the key it is stored under.
+pub struct DelayedRecord {
+    pub vhost: String,
+    pub exchange: String,
+    pub due_ms: u64,
+    pub id: u64,
+    pub message: Message,
+}
+
+impl DelayedRecord {
+    /// Every held message in the store, in due order.
+    pub fn read_all(store: &crate::store::Store) -> Result<Vec<DelayedRecord>, StoreError> {
+        let mut out = Vec::new();
+        for (due_ms, id, record) in store.delayed_records()? {
+            let (vhost, exchange, message) =
+                records::decode_delayed(record).ok_or_else(|| StoreError::Corrupt {
+                    dir: "(data dir)".into(),
+                    detail: "malformed delayed message".into(),
+                })?;
+            out.push(DelayedRecord {
+                vhost,
+                exchange,
+                due_ms,
+                id,
+                message,
+            });
+        }
+        Ok(out)
+    }
+}
+
+/// A held message is gone from memory; its copy on disk goes too. If that
+/// fails it is routed again after a restart: a duplicate, never a loss.
+fn release(store: &crate::store::Store, due_ms: u64, id: u64) {
+    if let Err(error) = store.release_delayed(due_ms, id) {
+        tracing::warn!(%error, "could not forget a delivered delayed message");
+    }
 }
 
 /// A message waiting for its due time.
@@ -111,7 +151,18 @@ impl Delayed {
         let due = now_ms().saturating_add(delay_ms);
         let disk = match vhost.store() {
             Some(store) if exchange.options.durable && message.is_persistent() => {
-                Some(store.hold_delayed(&vhost.name, &exchange.name, due, &message))
+                let record = records::encode_delayed(&vhost.name, &exchange.name, &message);
+                match store.hold_delayed(due, &record) {
+                    Ok(id) => Some(id),
+                    // Not held: the publisher gets a nack.
+                    Err(_) => {
+                        return Published {
+                            routed: true,
+                            stored: false,
+                            rejected: true,
+                        }
+                    }
+                }
             }
             _ => None,
         };
@@ -153,7 +204,7 @@ impl Delayed {
         });
         if let Some(store) = vhost.store() {
             for (due, id) in dropped {
-                store.release_delayed(due, id);
+                release(store, due, id);
             }
         }
     }
@@ -174,7 +225,7 @@ impl Delayed {
                 _ => {
                     tracing::warn!(exchange = %record.exchange, "dropping a delayed message whose exchange is gone");
                     if let Some(store) = vhost.store() {
-                        store.release_delayed(record.due_ms, record.id);
+                        release(store, record.due_ms, record.id);
                     }
                 }
             }
@@ -217,7 +268,7 @@ impl Timed for Delayed {
             // After the enqueue wrote its own copy: a crash in between
             // delivers twice rather than never.
             if let (Some(id), Some(store)) = (held.disk, vhost.store()) {
-                store.release_delayed(due_ms, id);
+                release(store, due_ms, id);
             }
         }
     }

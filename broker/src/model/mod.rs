@@ -10,12 +10,14 @@ pub mod message;
 pub mod publish;
 pub mod queue;
 pub mod queue_args;
+pub mod queue_disk;
 pub mod ready;
+pub mod records;
 pub mod timers;
 pub mod topic;
 pub mod vhost;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -44,42 +46,33 @@ impl Broker {
     }
 
     /// A broker on a data dir: opens the store and restores what it holds.
+    /// Each queue reads only what it held in memory and the ends of its
+    /// tail, so start-up does not grow with the messages queued.
     pub fn open(config: &Config) -> Result<Self, StoreError> {
         let store = Store::open(&config.data_dir, config.store_cache_bytes)?;
-        let recovered = store.recover()?;
+        let mut by_vhost = read_definitions(&store)?;
+        // Data of queues deleted just before a crash goes, in the background;
+        // once that and any purge a crash interrupted are done, a database
+        // left mostly empty is compacted.
+        let live: HashSet<u64> = by_vhost
+            .values()
+            .flat_map(|v| v.queues.iter().map(|q| q.id))
+            .collect();
+        store.forget_queues_except(&live)?;
+        if store.wait_reaped_for(std::time::Duration::from_secs(5)) {
+            store.compact_if_mostly_empty()?;
+        }
         let broker = Self::build(config, Some(store.clone()));
         store.observe_flushes(crate::store::flusher::FlushMetrics {
             duration: broker.metrics.flush_duration.clone(),
             batch: broker.metrics.flush_batch.clone(),
         });
-        let mut by_vhost: HashMap<String, RecoveredVHost> = HashMap::new();
-        for e in recovered.exchanges {
-            by_vhost
-                .entry(e.vhost.clone())
-                .or_default()
-                .exchanges
-                .push(e);
-        }
-        for (q, entries) in recovered.queues {
-            by_vhost
-                .entry(q.vhost.clone())
-                .or_default()
-                .queues
-                .push((q, entries));
-        }
-        for b in recovered.bindings {
-            by_vhost
-                .entry(b.vhost.clone())
-                .or_default()
-                .bindings
-                .push(b);
-        }
-        for d in recovered.delayed {
+        for d in delayed::DelayedRecord::read_all(&store)? {
             by_vhost.entry(d.vhost.clone()).or_default().delayed.push(d);
         }
         for (name, parts) in by_vhost {
             match broker.vhosts.get(&name) {
-                Some(vhost) => vhost.restore(parts),
+                Some(vhost) => vhost.restore(parts)?,
                 None => {
                     tracing::warn!(vhost = %name, "data dir holds a vhost this broker does not serve; left untouched")
                 }
@@ -141,4 +134,31 @@ impl Broker {
     pub fn next_id(&self) -> u64 {
         self.next_id.fetch_add(1, Ordering::Relaxed)
     }
+}
+
+/// Every definition in the store, decoded and grouped by vhost.
+fn read_definitions(store: &Store) -> Result<HashMap<String, RecoveredVHost>, StoreError> {
+    let corrupt = |detail: String| StoreError::Corrupt {
+        dir: "(data dir)".into(),
+        detail,
+    };
+    let mut by_vhost: HashMap<String, RecoveredVHost> = HashMap::new();
+    for (key, value) in store.definitions()? {
+        match key.first() {
+            Some(b'e') => {
+                let e: records::ExchangeRecord = records::decode_json(&value).map_err(corrupt)?;
+                by_vhost.entry(e.vhost.clone()).or_default().exchanges.push(e);
+            }
+            Some(b'q') => {
+                let q: records::QueueRecord = records::decode_json(&value).map_err(corrupt)?;
+                by_vhost.entry(q.vhost.clone()).or_default().queues.push(q);
+            }
+            Some(b'b') => {
+                let b: records::BindingRecord = records::decode_json(&value).map_err(corrupt)?;
+                by_vhost.entry(b.vhost.clone()).or_default().bindings.push(b);
+            }
+            _ => {}
+        }
+    }
+    Ok(by_vhost)
 }

@@ -1,6 +1,6 @@
 //! Where a published message goes: routing through an exchange (falling back
-//! to its alternate exchange when nothing matches), one write to disk however
-//! many durable queues it reaches, and the hand-off to each queue. Clients'
+//! to its alternate exchange when nothing matches) and the hand-off to each
+//! queue, which writes its own copy when it is durable. Clients'
 //! publishes, dead letters and delayed messages all take this path.
 
 use std::sync::atomic::Ordering;
@@ -13,7 +13,6 @@ use super::exchange::{Exchange, Route};
 use super::message::Message;
 use super::queue::{Enqueued, Queue};
 use super::vhost::VHost;
-use crate::store::StoredRef;
 
 /// What publishing one message did.
 #[derive(Clone, Copy, Debug, Default)]
@@ -75,46 +74,21 @@ impl VHost {
         route
     }
 
-    /// Hands a routed message to its queues, writing it to disk first when it
-    /// is persistent and at least one of them is durable.
+    /// Hands a routed message to its queues; each durable one writes its own
+    /// copy of a persistent message (so no copy outlives its queue's entry).
     pub fn enqueue(&self, queues: &[Arc<Queue>], message: Arc<Message>) -> Published {
         if queues.is_empty() {
             return Published::default();
         }
-        // Written to disk once, however many durable queues it reaches.
-        let durable = queues.iter().filter(|q| q.is_durable_store()).count();
-        let stored = match self.store() {
-            Some(store) if message.is_persistent() && durable > 0 => {
-                Some(store.persist_message(&message))
-            }
-            _ => None,
-        };
+        let persistent = message.is_persistent();
         let mut outcome = Published {
             routed: true,
-            stored: stored.is_some(),
-            rejected: false,
+            ..Published::default()
         };
-        let mut note = |e: Enqueued| outcome.rejected |= e == Enqueued::Rejected;
-        match stored {
-            // One durable queue (the common case): it owns the record inline.
-            Some(stored) if durable == 1 => {
-                let mut stored = Some(StoredRef::Sole(stored));
-                for queue in queues {
-                    let mine = if queue.is_durable_store() {
-                        stored.take()
-                    } else {
-                        None
-                    };
-                    note(queue.publish(message.clone(), mine));
-                }
-            }
-            stored => {
-                let stored = stored.map(Arc::new);
-                for queue in queues {
-                    let mine = stored.clone().filter(|_| queue.is_durable_store());
-                    note(queue.publish(message.clone(), mine.map(StoredRef::Shared)));
-                }
-            }
+        for queue in queues {
+            let enqueued = queue.publish(message.clone());
+            outcome.rejected |= enqueued == Enqueued::Rejected;
+            outcome.stored |= persistent && queue.is_durable_store();
         }
         outcome
     }

@@ -9,10 +9,12 @@
 //! dead-lettered after it is released, since a dead-letter exchange may route
 //! them back to this very queue.
 //!
-//! A durable queue keeps a journal in the store (what it holds, in order, and
-//! what was delivered) and, past a short in-memory head, keeps only the
-//! message's place and disk id: bodies are read back as consumers catch up, so
-//! memory does not grow with the bytes queued.
+//! A durable queue writes its persistent messages to the store and, past a
+//! short in-memory head, keeps further ready messages on disk only (see
+//! [`super::queue_disk`]). Disk writes are decided under the lock and done
+//! after it is released, under the queue's separate I/O lock, which is taken
+//! before the state lock is let go so writes reach the store in the order
+//! they were decided; reading the tail back happens without the state lock.
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
@@ -25,14 +27,13 @@ use parking_lot::{Mutex, MutexGuard};
 use super::dead_letter::Reason;
 use super::message::Message;
 use super::queue_args::{Overflow, QueueArgs};
+use super::queue_disk::{QueueDisk, Refill, IN_MEMORY_READY, REFILL_CHUNK};
 use super::ready::Ready;
+use super::records;
 use super::timers::{now_ms, Timed, Timers};
 use super::vhost::VHost;
 use crate::error::{AmqpError, AmqpResult};
-use crate::store::{IndexEntry, RecoveredMessage, Store, StoredRef};
-
-/// Ready messages of a durable queue beyond this many wait on disk only.
-const IN_MEMORY_READY: usize = 1024;
+use crate::store::{QueueStore, RecoveredQueue};
 
 /// A message in a queue. `seq` is its position at enqueue time, so requeued
 /// messages go back where they were, as in RabbitMQ.
@@ -45,30 +46,9 @@ pub struct QueuedMessage {
     pub size: u32,
     /// When it expires, in ms since the epoch; 0 = never.
     pub expires_at: u64,
-    /// The message itself; `None` while it is paged out to the store.
-    pub message: Option<Arc<Message>>,
-    /// Its copy on disk, for persistent messages in durable queues.
-    pub stored: Option<StoredRef>,
-}
-
-impl QueuedMessage {
-    /// The message, read back from the store if it was paged out.
-    pub fn load(&mut self) -> Option<Arc<Message>> {
-        if self.message.is_none() {
-            self.message = self.stored.as_ref()?.load().map(Arc::new);
-        }
-        self.message.clone()
-    }
-
-    fn index_entry(&self, delivered: bool) -> Option<IndexEntry> {
-        Some(IndexEntry {
-            message_id: self.stored.as_ref()?.id,
-            delivered,
-            expires_at: self.expires_at,
-            priority: self.priority,
-            size: self.size,
-        })
-    }
+    pub message: Arc<Message>,
+    /// Its copy is in the queue's store at position `seq`.
+    pub on_disk: bool,
 }
 
 /// One delivery handed to a consumer's channel.
@@ -172,35 +152,6 @@ pub struct QueueOptions {
     pub arguments: FieldTable,
 }
 
-/// A durable queue's record in the store.
-pub struct Journal {
-    pub store: Arc<Store>,
-    pub queue_id: u64,
-}
-
-impl Journal {
-    fn added(&self, m: &QueuedMessage) {
-        if let Some(entry) = m.index_entry(m.redelivered) {
-            self.store.index_add(self.queue_id, m.seq, &entry);
-        }
-    }
-
-    /// Remembered so a restart marks it redelivered.
-    fn delivered(&self, m: &QueuedMessage) {
-        if !m.redelivered {
-            if let Some(entry) = m.index_entry(true) {
-                self.store.index_add(self.queue_id, m.seq, &entry);
-            }
-        }
-    }
-
-    pub(crate) fn removed(&self, m: &QueuedMessage) {
-        if m.stored.is_some() {
-            self.store.index_remove(self.queue_id, m.seq);
-        }
-    }
-}
-
 /// What became of a message routed to a queue.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Enqueued {
@@ -219,12 +170,15 @@ pub struct Queue {
     /// Connection that owns an exclusive queue.
     pub owner: Option<u64>,
     /// Present for durable, non-exclusive queues.
-    pub journal: Option<Journal>,
+    pub store: Option<QueueStore>,
     /// Where dead letters are published and who deletes an expired queue.
     home: Weak<VHost>,
     timers: Arc<Timers>,
     me: Weak<Queue>,
     state: Mutex<QueueState>,
+    /// Held while this queue's decided writes go to the store; taken before
+    /// the state lock is released, so writes keep the order of decisions.
+    io: Mutex<()>,
     deleted: AtomicBool,
 }
 
@@ -247,11 +201,18 @@ struct QueueState {
     /// Last consumer, get or declare, for `x-expires`.
     last_used: u64,
     totals: QueueTotals,
+    /// Durable queues: what is on disk and what to write.
+    disk: Option<QueueDisk>,
 }
 
 impl QueueState {
-    fn new(args: &QueueArgs) -> Self {
+    fn new(args: &QueueArgs, durable: bool) -> Self {
+        let levels = usize::from(args.max_priority.unwrap_or(0)) + 1;
+        let pages = args.max_priority.is_none()
+            && args.max_length.is_none()
+            && args.max_length_bytes.is_none();
         QueueState {
+            disk: durable.then(|| QueueDisk::new(pages, levels)),
             ready: Ready::new(args.max_priority.unwrap_or(0)),
             next_seq: 0,
             consumers: Vec::new(),
@@ -290,9 +251,9 @@ impl QueueState {
     }
 
     /// A message leaves the queue without being delivered: gone from the
-    /// journal, and dead-lettered when the queue has somewhere to send it.
+    /// store, and dead-lettered when the queue has somewhere to send it.
     ///
-    /// A dead letter keeps its journal entry until its copy is enqueued
+    /// A dead letter keeps its entry on disk until its copy is enqueued
     /// where the dead-letter exchange routes it (see `VHost::dead_letter`):
     /// a crash in between then yields a duplicate, never a loss.
     fn discard(&mut self, queue: &Queue, message: QueuedMessage, reason: Reason) {
@@ -302,33 +263,44 @@ impl QueueState {
         if queue.args.dead_letter_exchange.is_some() {
             self.totals.dead_lettered[reason as usize] += 1;
             self.dead.push((message, reason));
-        } else if let Some(journal) = &queue.journal {
-            journal.removed(&message);
+        } else {
+            self.forget(&message);
+        }
+    }
+
+    /// The message's copy on disk is no longer needed.
+    fn forget(&mut self, message: &QueuedMessage) {
+        if let (Some(disk), true) = (self.disk.as_mut(), message.on_disk) {
+            disk.remove(message.seq);
+        }
+    }
+
+    /// Remembers a delivery so a restart marks the message redelivered.
+    fn note_delivered(&mut self, message: &QueuedMessage) {
+        let level = self.ready.level_of(message.priority);
+        if let (Some(disk), true) = (self.disk.as_mut(), message.on_disk) {
+            disk.delivered(level, message.seq);
         }
     }
 
     /// Hands `message` to consumer `idx`. If that channel refused it (closed or
     /// at its channel-wide limit meanwhile), the message is back at the head
     /// and the consumer no longer has credit, so dispatch moves on.
-    fn hand_over(&mut self, queue: &Arc<Queue>, idx: usize, mut message: QueuedMessage) -> bool {
-        let Some(content) = message.load() else {
-            tracing::error!(queue = %queue.name, "a stored message could not be read back; dropped");
-            if let Some(journal) = &queue.journal {
-                journal.removed(&message);
-            }
-            return true;
-        };
-        let consumer = &mut self.consumers[idx];
-        let (seq, on_disk, redelivered) =
-            (message.seq, message.stored.is_some(), message.redelivered);
-        if let (Some(journal), false) = (&queue.journal, consumer.no_ack) {
-            journal.delivered(&message);
+    fn hand_over(&mut self, queue: &Arc<Queue>, idx: usize, message: QueuedMessage) -> bool {
+        let no_ack = self.consumers[idx].no_ack;
+        let redelivered = message.redelivered;
+        if no_ack {
+            // A no-ack delivery is done the moment it is handed over.
+            self.forget(&message);
+        } else {
+            self.note_delivered(&message);
         }
+        let consumer = &mut self.consumers[idx];
         let delivery = Delivery {
             consumer_tag: &consumer.tag,
             consumer_id: consumer.id,
-            no_ack: consumer.no_ack,
-            content,
+            no_ack,
+            content: message.message.clone(),
             message,
         };
         match consumer.sink.deliver(queue, delivery) {
@@ -338,14 +310,18 @@ impl QueueState {
                 if !consumer.no_ack {
                     consumer.in_flight += 1;
                     self.unacked += 1;
-                } else if let (Some(journal), true) = (&queue.journal, on_disk) {
-                    // A no-ack delivery is done the moment it is handed over.
-                    journal.store.index_remove(journal.queue_id, seq);
                 }
                 self.cursor = (idx + 1) % self.consumers.len();
                 true
             }
             Err(message) => {
+                // Not delivered after all: its entry must stay (a no-ack
+                // removal decided above is dropped again).
+                if no_ack && message.on_disk {
+                    if let Some(disk) = self.disk.as_mut() {
+                        disk.cancel_remove(message.seq);
+                    }
+                }
                 self.ready.push_front(message);
                 false
             }
@@ -381,6 +357,12 @@ impl QueueState {
         if self.expiring {
             self.arm_timer(queue);
         }
+    }
+
+    /// Ready messages, in memory and in the tail on disk.
+    fn ready_count(&self) -> u64 {
+        let tail = self.disk.as_ref().and_then(|d| d.tail).map_or(0, |t| t.count);
+        self.ready.len() as u64 + tail
     }
 
     /// Whether one more message of `size` bytes would exceed a length limit.
@@ -488,53 +470,87 @@ pub struct QueueSpec {
     pub options: QueueOptions,
     pub args: QueueArgs,
     pub owner: Option<u64>,
-    pub journal: Option<Journal>,
+    pub store: Option<QueueStore>,
 }
 
 impl Queue {
     pub fn new(spec: QueueSpec, home: &Arc<VHost>, timers: Arc<Timers>) -> Arc<Self> {
-        let queue = Arc::new_cyclic(|me| Queue {
-            name: spec.name,
-            vhost: home.name.clone(),
-            state: Mutex::new(QueueState::new(&spec.args)),
-            options: spec.options,
-            args: spec.args,
-            owner: spec.owner,
-            journal: spec.journal,
-            home: Arc::downgrade(home),
-            timers,
-            me: me.clone(),
-            deleted: AtomicBool::new(false),
-        });
+        let queue = Self::build(spec, home, timers, None);
         queue.state.lock().arm_timer(&queue);
         queue
     }
 
-    /// A durable queue as a restart finds it: everything ready, in order,
-    /// bodies left on disk until delivery. Its `x-expires` clock starts again.
+    fn build(
+        spec: QueueSpec,
+        home: &Arc<VHost>,
+        timers: Arc<Timers>,
+        recovered: Option<&RecoveredQueue>,
+    ) -> Arc<Self> {
+        let mut state = QueueState::new(&spec.args, spec.store.is_some());
+        if let (Some(r), Some(disk)) = (recovered, state.disk.as_mut()) {
+            *disk = QueueDisk::recovered(disk.pages, state.ready.levels(), r);
+        }
+        Arc::new_cyclic(|me| Queue {
+            name: spec.name,
+            vhost: home.name.clone(),
+            state: Mutex::new(state),
+            options: spec.options,
+            args: spec.args,
+            owner: spec.owner,
+            store: spec.store,
+            home: Arc::downgrade(home),
+            timers,
+            me: me.clone(),
+            io: Mutex::new(()),
+            deleted: AtomicBool::new(false),
+        })
+    }
+
+    /// A durable queue as a restart finds it: the messages it held in
+    /// memory back as ready (those delivered before marked redelivered), the
+    /// tail still on disk. Its `x-expires` clock starts again.
     pub fn recovered(
         spec: QueueSpec,
         home: &Arc<VHost>,
         timers: Arc<Timers>,
-        entries: Vec<RecoveredMessage>,
+        recovered: RecoveredQueue,
     ) -> Arc<Self> {
-        let queue = Self::new(spec, home, timers);
+        let queue = Self::build(spec, home, timers, Some(&recovered));
         {
             let mut st = queue.state.lock();
-            st.next_seq = entries.last().map_or(0, |e| e.position + 1);
-            for e in entries {
-                st.expiring |= e.entry.expires_at != 0;
+            st.next_seq = recovered.next_position;
+            let mut unreadable = Vec::new();
+            for e in recovered.head {
+                let Some(message) = records::decode_message(e.record) else {
+                    unreadable.push(e.position);
+                    continue;
+                };
+                let level = st.ready.level_of(e.meta.priority);
+                let redelivered = st
+                    .disk
+                    .as_ref()
+                    .is_some_and(|d| d.was_delivered(level, e.position));
+                st.expiring |= e.meta.expires_at != 0;
                 st.ready.push_back(QueuedMessage {
                     seq: e.position,
-                    redelivered: e.entry.delivered,
-                    priority: e.entry.priority,
-                    size: e.entry.size,
-                    expires_at: e.entry.expires_at,
-                    message: None,
-                    stored: Some(StoredRef::from_arc(e.stored)),
+                    redelivered,
+                    priority: e.meta.priority,
+                    size: e.meta.size,
+                    expires_at: e.meta.expires_at,
+                    message: Arc::new(message),
+                    on_disk: true,
                 });
             }
+            if !unreadable.is_empty() {
+                tracing::error!(queue = %queue.name, count = unreadable.len(), "stored messages could not be decoded; dropped");
+                for position in unreadable {
+                    if let Some(disk) = st.disk.as_mut() {
+                        disk.remove(position);
+                    }
+                }
+            }
             st.arm_timer(&queue);
+            queue.finish(st);
         }
         queue
     }
@@ -543,23 +559,57 @@ impl Queue {
         self.deleted.load(Ordering::Acquire)
     }
 
-    /// Whether persistent messages routed here must be written to disk.
+    /// Whether persistent messages routed here are written to disk.
     pub fn is_durable_store(&self) -> bool {
-        self.journal.is_some()
+        self.store.is_some()
     }
 
-    /// Releases the lock, then dead-letters what died under it.
+    /// Releases the lock, writes what was decided under it, reads the next
+    /// chunk of the tail if the in-memory head ran low, then dead-letters
+    /// what died under it.
     ///
     /// Dead letters can make more dead letters (a chain of queues each
     /// over its limit), so the work is a loop, not a recursion: a nested
     /// call on the same thread hands its batch to the outermost one, and the
     /// stack stays flat however long the chain.
-    fn finish(&self, mut st: MutexGuard<'_, QueueState>) {
-        if st.dead.is_empty() {
+    fn finish<'a>(&'a self, mut st: MutexGuard<'a, QueueState>) {
+        let mut dead = Vec::new();
+        loop {
+            let mut ops = Vec::new();
+            let mut refill = None;
+            let ready_in_memory = st.ready.len();
+            if let Some(disk) = st.disk.as_mut() {
+                if disk.has_ops() {
+                    ops = disk.take_ops();
+                }
+                if !self.is_deleted() {
+                    refill = disk.wants_refill(ready_in_memory);
+                }
+            }
+            if dead.is_empty() {
+                dead = std::mem::take(&mut st.dead);
+            } else {
+                dead.append(&mut st.dead);
+            }
+            if ops.is_empty() {
+                drop(st);
+            } else {
+                // Taken before the state lock goes, so the next decisions'
+                // writes queue up behind these.
+                let io = self.io.lock();
+                drop(st);
+                self.write(&ops);
+                drop(io);
+            }
+            // A loop, not a recursion: consumers may empty each chunk at once.
+            match refill.and_then(|chunk| self.refill(chunk)) {
+                Some(guard) => st = guard,
+                None => break,
+            }
+        }
+        if dead.is_empty() {
             return;
         }
-        let dead = std::mem::take(&mut st.dead);
-        drop(st);
         let Some(me) = self.me.upgrade() else {
             return;
         };
@@ -590,12 +640,93 @@ impl Queue {
         }
     }
 
+    /// Applies decided writes; the caller holds `io`. A failed write leaves
+    /// the store failed, which the flush behind every promise reports.
+    fn write(&self, ops: &[super::queue_disk::DiskOp]) {
+        let Some(store) = &self.store else {
+            return;
+        };
+        for op in ops {
+            if let Err(error) = op.apply(store) {
+                tracing::debug!(queue = %self.name, %error, "queue write failed");
+            }
+        }
+    }
+
+    /// Reads a chunk of the tail (outside the state lock, behind every
+    /// write decided so far) and puts it behind the in-memory head; returns
+    /// the locked state for the caller to finish.
+    fn refill(&self, chunk: Refill) -> Option<MutexGuard<'_, QueueState>> {
+        let store = self.store.as_ref()?;
+        let read = {
+            let _io = self.io.lock();
+            store.read(chunk.start, chunk.end, REFILL_CHUNK)
+        };
+        let mut st = self.state.lock();
+        let entries = match read {
+            Ok(entries) => entries,
+            Err(error) => {
+                tracing::warn!(queue = %self.name, %error, "could not read queued messages back; retried at the next event");
+                if let Some(disk) = st.disk.as_mut() {
+                    disk.refilling = false;
+                }
+                return None;
+            }
+        };
+        let whole = entries.len() < REFILL_CHUNK;
+        let last = entries.last().map(|e| e.position);
+        let bytes = entries.iter().map(|e| u64::from(e.meta.size)).sum();
+        let disk = st.disk.as_mut()?;
+        if !disk.refilled(chunk, last, bytes, whole) {
+            return Some(st);
+        }
+        let boot = disk.boot_position;
+        let mut stale = Vec::new();
+        for e in entries {
+            // Transient messages written before a restart did not survive it.
+            let decoded = (!(e.meta.transient && e.position < boot))
+                .then(|| records::decode_message(e.record))
+                .flatten();
+            let Some(message) = decoded else {
+                stale.push(e.position);
+                continue;
+            };
+            st.expiring |= e.meta.expires_at != 0;
+            st.ready.push_back(QueuedMessage {
+                seq: e.position,
+                redelivered: false,
+                priority: e.meta.priority,
+                size: e.meta.size,
+                expires_at: e.meta.expires_at,
+                message: Arc::new(message),
+                on_disk: true,
+            });
+        }
+        if let Some(disk) = st.disk.as_mut() {
+            for position in stale {
+                disk.remove(position);
+            }
+        }
+        if let Some(me) = self.me.upgrade() {
+            st.dispatch(&me);
+        }
+        st.arm_timer(self);
+        Some(st)
+    }
+
     /// Enqueues a routed message, handing it straight to a consumer when one has credit.
-    pub fn publish(self: &Arc<Self>, message: Arc<Message>, stored: Option<StoredRef>) -> Enqueued {
+    pub fn publish(self: &Arc<Self>, message: Arc<Message>) -> Enqueued {
         let ttl = match (self.args.message_ttl, message.expiration_ms()) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
+        let persist = self.store.is_some() && message.is_persistent();
+        // A store that cannot write refuses the message outright: nacked,
+        // and not queued, so the publisher's retry is no duplicate.
+        let store_failed = self.store.as_ref().is_some_and(|s| s.store().is_failed());
+        if persist && store_failed {
+            return Enqueued::Rejected;
+        }
         let now = if ttl.is_some() { now_ms() } else { 0 };
         let size = message.body.len() as u32;
         let priority = message.properties.priority().unwrap_or(0);
@@ -611,8 +742,8 @@ impl Queue {
                     priority,
                     size,
                     expires_at: 0,
-                    message: Some(message),
-                    stored: None,
+                    message,
+                    on_disk: false,
                 };
                 st.discard(self, refused, Reason::MaxLen);
             }
@@ -622,18 +753,28 @@ impl Queue {
         let seq = st.next_seq;
         st.next_seq += 1;
         st.totals.published += 1;
-        let mut queued = QueuedMessage {
+        let expires_at = ttl.map_or(0, |t| now.saturating_add(t));
+        let ready_in_memory = st.ready.len();
+        if let Some(disk) = st.disk.as_mut() {
+            if disk.spills(ready_in_memory) && !store_failed {
+                // Behind the tail: on disk only, read back in order later.
+                disk.spill(seq, message, expires_at);
+                self.finish(st);
+                return Enqueued::Accepted;
+            }
+            if persist {
+                disk.write(seq, &message, expires_at);
+            }
+        }
+        let queued = QueuedMessage {
             seq,
             redelivered: false,
             priority,
             size,
-            expires_at: ttl.map_or(0, |t| now.saturating_add(t)),
-            message: Some(message),
-            stored: stored.filter(|_| self.journal.is_some()),
+            expires_at,
+            message,
+            on_disk: persist,
         };
-        if let Some(journal) = &self.journal {
-            journal.added(&queued);
-        }
         // A refused hand-over puts it in `ready`, where its expiry needs the timer.
         st.expiring |= queued.expires_at != 0;
         if st.ready.is_empty() {
@@ -654,9 +795,6 @@ impl Queue {
             self.finish(st);
             return Enqueued::Accepted;
         }
-        if queued.stored.is_some() && st.ready.len() >= IN_MEMORY_READY {
-            queued.message = None;
-        }
         let expires = queued.expires_at != 0;
         st.ready.push_back(queued);
         st.expiring |= expires;
@@ -676,16 +814,17 @@ impl Queue {
     pub fn counts(&self) -> QueueCounts {
         let st = self.state.lock();
         QueueCounts {
-            messages: st.ready.len() as u32,
+            messages: st.ready_count().min(u64::from(u32::MAX)) as u32,
             consumers: st.consumers.len() as u32,
         }
     }
 
     pub fn stats(&self) -> QueueStats {
         let st = self.state.lock();
+        let tail = st.disk.as_ref().and_then(|d| d.tail);
         QueueStats {
-            ready: st.ready.len() as u64,
-            ready_bytes: st.ready.bytes(),
+            ready: st.ready_count(),
+            ready_bytes: st.ready.bytes() + tail.map_or(0, |t| t.bytes),
             unacked: u64::from(st.unacked),
             consumers: st.consumers.len() as u64,
             totals: st.totals,
@@ -753,45 +892,49 @@ impl Queue {
         auto_delete
     }
 
-    /// basic.get: the head message, loaded, and how many remain.
+    /// basic.get: the head message and how many remain. When the in-memory
+    /// head is empty but the tail is not, the tail is read first (outside
+    /// the lock).
     pub fn get(self: &Arc<Self>, no_ack: bool) -> Option<(QueuedMessage, Arc<Message>, u32)> {
-        let mut st = self.state.lock();
-        st.last_used = now_ms();
-        let now = st.last_used;
-        let found = loop {
-            let Some(mut message) = st.ready.pop_front() else {
-                break None;
-            };
-            st.ready.shrink_if_sparse(IN_MEMORY_READY);
-            if message.expires_at != 0 && message.expires_at <= now {
-                st.discard(self, message, Reason::Expired);
-                continue;
-            }
-            let Some(content) = message.load() else {
-                tracing::error!(queue = %self.name, "a stored message could not be read back; dropped");
-                if let Some(journal) = &self.journal {
-                    journal.removed(&message);
+        loop {
+            let mut st = self.state.lock();
+            if st.ready.is_empty() {
+                let chunk = st.disk.as_ref().and_then(|d| d.next_refill());
+                if let (Some(chunk), false) = (chunk, self.is_deleted()) {
+                    drop(st);
+                    if let Some(st) = self.refill(chunk) {
+                        self.finish(st);
+                    }
+                    continue;
                 }
-                continue;
-            };
-            if let Some(journal) = &self.journal {
+            }
+            st.last_used = now_ms();
+            let now = st.last_used;
+            let found = loop {
+                let Some(message) = st.ready.pop_front() else {
+                    break None;
+                };
+                st.ready.shrink_if_sparse(IN_MEMORY_READY);
+                if message.expires_at != 0 && message.expires_at <= now {
+                    st.discard(self, message, Reason::Expired);
+                    continue;
+                }
                 if no_ack {
-                    journal.removed(&message);
+                    st.forget(&message);
                 } else {
-                    journal.delivered(&message);
+                    st.note_delivered(&message);
+                    st.unacked += 1;
                 }
-            }
-            if !no_ack {
-                st.unacked += 1;
-            }
-            st.totals.delivered += 1;
-            st.totals.redelivered += u64::from(message.redelivered);
-            let remaining = st.ready.len() as u32;
-            break Some((message, content, remaining));
-        };
-        st.arm_timer(self);
-        self.finish(st);
-        found
+                st.totals.delivered += 1;
+                st.totals.redelivered += u64::from(message.redelivered);
+                let remaining = st.ready_count().min(u64::from(u32::MAX)) as u32;
+                let content = message.message.clone();
+                break Some((message, content, remaining));
+            };
+            st.arm_timer(self);
+            self.finish(st);
+            return found;
+        }
     }
 
     /// Acknowledged deliveries, or (with `reject`) deliveries the client
@@ -809,9 +952,7 @@ impl Queue {
                 st.discard(self, message, Reason::Rejected);
             } else {
                 st.totals.acked += 1;
-                if let Some(journal) = &self.journal {
-                    journal.removed(&message);
-                }
+                st.forget(&message);
             }
         }
         st.dispatch(self);
@@ -846,31 +987,69 @@ impl Queue {
         self.finish(st);
     }
 
-    /// queue.purge: drops ready messages (not unacked ones), returns how many.
+    /// queue.purge: drops ready messages (not unacked ones), returns how
+    /// many. One atomic write however many there are: those in memory by
+    /// position, the tail as a dead range the store clears in the background.
+    /// The messages themselves are freed after the lock is released.
     pub fn purge(&self) -> u32 {
         let mut st = self.state.lock();
+        let count = st.ready_count();
         let all = st.ready.take_all();
-        if let Some(journal) = &self.journal {
-            let on_disk = all.iter().filter(|m| m.stored.is_some()).map(|m| m.seq);
-            journal.store.index_remove_all(journal.queue_id, on_disk);
+        let next_seq = st.next_seq;
+        if let Some(disk) = st.disk.as_mut() {
+            let positions = all.iter().filter(|m| m.on_disk).map(|m| m.seq).collect();
+            disk.purge(positions, next_seq);
         }
-        all.len() as u32
+        self.finish(st);
+        drop(all);
+        count.min(u64::from(u32::MAX)) as u32
     }
 
     /// Marks the queue deleted, drops its messages, tells consumers' channels.
+    /// What it held on disk goes with its definition (see `VHost::remove_queue`).
     pub fn delete(&self) -> u32 {
-        let (count, consumers) = {
-            let mut st = self.state.lock();
-            self.deleted.store(true, Ordering::Release);
-            let count = st.ready.take_all().len() as u32;
-            (count, std::mem::take(&mut st.consumers))
+        let mut st = self.state.lock();
+        self.deleted.store(true, Ordering::Release);
+        let count = st.ready_count();
+        let all = st.ready.take_all();
+        let consumers = std::mem::take(&mut st.consumers);
+        // Writes decided before the delete still go out (and are removed
+        // with the rest); nothing new is decided after it.
+        let ops = match st.disk.as_mut() {
+            Some(disk) => {
+                disk.tail = None;
+                disk.take_ops()
+            }
+            None => Vec::new(),
         };
+        let io = self.io.lock();
+        drop(st);
+        self.write(&ops);
+        drop(io);
+        drop(all);
         for consumer in consumers {
             consumer
                 .sink
                 .cancelled_by_server(&consumer.tag, consumer.id);
         }
-        count
+        count.min(u64::from(u32::MAX)) as u32
+    }
+
+    /// A dead letter's copy was enqueued (or dropped): the source's entry goes.
+    pub(crate) fn forget(&self, message: &QueuedMessage) {
+        if let (Some(store), true) = (&self.store, message.on_disk) {
+            let _io = self.io.lock();
+            if let Err(error) = store.remove(message.seq) {
+                tracing::debug!(queue = %self.name, %error, "queue write failed");
+            }
+        }
+    }
+
+    /// Runs `f` while no write of this queue is in flight (the queue's
+    /// definition is removed this way, after its last writes).
+    pub(crate) fn with_writes_quiet<T>(&self, f: impl FnOnce() -> T) -> T {
+        let _io = self.io.lock();
+        f()
     }
 }
 

@@ -24,6 +24,11 @@ impl Ready {
         }
     }
 
+    /// How many priority levels (1 for a plain queue).
+    pub fn levels(&self) -> usize {
+        self.levels.len()
+    }
+
     pub fn len(&self) -> usize {
         self.len
     }
@@ -37,9 +42,9 @@ impl Ready {
         self.bytes
     }
 
-    /// Messages above the queue's maximum priority count as the maximum.
-    fn level_of(&self, m: &QueuedMessage) -> usize {
-        usize::from(m.priority).min(self.levels.len() - 1)
+    /// The level of a priority: above the queue's maximum counts as the maximum.
+    pub fn level_of(&self, priority: u8) -> usize {
+        usize::from(priority).min(self.levels.len() - 1)
     }
 
     fn added(&mut self, m: &QueuedMessage) {
@@ -54,14 +59,14 @@ impl Ready {
 
     pub fn push_back(&mut self, m: QueuedMessage) {
         self.added(&m);
-        let level = self.level_of(&m);
+        let level = self.level_of(m.priority);
         self.levels[level].push_back(m);
     }
 
     /// Back to the head of its level (a delivery the consumer's channel refused).
     pub fn push_front(&mut self, m: QueuedMessage) {
         self.added(&m);
-        let level = self.level_of(&m);
+        let level = self.level_of(m.priority);
         self.levels[level].push_front(m);
     }
 
@@ -103,10 +108,6 @@ impl Ready {
             self.len -= 1;
             self.bytes -= u64::from(m.size);
         }
-    }
-
-    pub fn iter(&self) -> impl Iterator<Item = &QueuedMessage> {
-        self.levels.iter().flatten()
     }
 
     /// Empties the queue, returning what it held.

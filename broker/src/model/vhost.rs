@@ -8,16 +8,16 @@ use amq_protocol::types::FieldTable;
 use parking_lot::RwLock;
 
 use super::args;
-use super::delayed::{self, Delayed};
+use super::delayed::{self, Delayed, DelayedRecord};
 use super::exchange::{Destination, Exchange, ExchangeKind, ExchangeOptions};
-use super::queue::{Journal, Queue, QueueCounts, QueueOptions, QueueSpec};
+use super::queue::{Queue, QueueCounts, QueueOptions, QueueSpec};
 use super::queue_args::{self, QueueArgs};
+use super::records::{
+    self, binding_record, encode_json, BindingRecord, ExchangeRecord, QueueRecord,
+};
 use super::timers::Timers;
 use crate::error::{code, AmqpError, AmqpResult};
-use crate::store::{
-    binding_record, BindingRecord, DelayedRecord, ExchangeRecord, QueueRecord, RecoveredMessage,
-    Store,
-};
+use crate::store::{Store, StoreError};
 
 /// Exchanges every vhost has, which clients may use but not delete or redefine.
 const PREDECLARED: &[(&str, ExchangeKind)] = &[
@@ -48,9 +48,18 @@ const COMPARED_QUEUE_ARGS: &[&str] = &[
 #[derive(Default)]
 pub struct RecoveredVHost {
     pub exchanges: Vec<ExchangeRecord>,
-    pub queues: Vec<(QueueRecord, Vec<RecoveredMessage>)>,
+    pub queues: Vec<QueueRecord>,
     pub bindings: Vec<BindingRecord>,
     pub delayed: Vec<DelayedRecord>,
+}
+
+/// A durable change the store could not write: RabbitMQ's internal error,
+/// which ends the connection. Nothing was changed.
+pub fn storage_error(error: StoreError) -> AmqpError {
+    AmqpError::connection(
+        code::INTERNAL_ERROR,
+        format!("could not write to the data dir: {error}"),
+    )
 }
 
 pub struct VHost {
@@ -241,7 +250,13 @@ impl VHost {
         }
         queue_args::check_exchange_args(req.kind, req.arguments, req.name, &self.name)?;
         if let (Some(store), true) = (&self.store, wanted.durable) {
-            store.save_exchange(&self.name, req.name, &wanted);
+            let record = ExchangeRecord::new(&self.name, req.name, &wanted);
+            store
+                .put_definition(
+                    &records::exchange_key(&self.name, req.name),
+                    &encode_json(&record),
+                )
+                .map_err(storage_error)?;
         }
         exchanges.insert(
             req.name.to_owned(),
@@ -320,25 +335,32 @@ impl VHost {
                     self.name
                 )));
             }
+            if exchange.options.durable {
+                // The exchange and its bindings go from disk in one write,
+                // before anything changes in memory.
+                if let Some(store) = &self.store {
+                    let bindings: Vec<Vec<u8>> = exchange
+                        .bindings()
+                        .into_iter()
+                        .map(|(destination, key, arguments)| {
+                            self.binding_record(&exchange, &destination, &key, &arguments)
+                                .key()
+                        })
+                        .collect();
+                    let mut removes: Vec<&[u8]> = bindings.iter().map(Vec::as_slice).collect();
+                    let own = records::exchange_key(&self.name, name);
+                    removes.push(&own);
+                    store
+                        .change_definitions(&[], &removes)
+                        .map_err(storage_error)?;
+                }
+            }
             exchanges.remove(name);
             exchange.mark_deleted();
             exchange
         };
         if exchange.options.delayed {
             self.delayed.drop_exchange(self, &exchange);
-        }
-        if exchange.options.durable {
-            if let Some(store) = &self.store {
-                store.delete_exchange(&self.name, name);
-                for (destination, key, arguments) in exchange.bindings() {
-                    store.delete_binding(&self.binding_record(
-                        &exchange,
-                        &destination,
-                        &key,
-                        &arguments,
-                    ));
-                }
-            }
         }
         self.forget_destination(&Destination::Exchange(exchange));
         Ok(())
@@ -352,8 +374,10 @@ impl VHost {
             if let (Some(store), true) = (&self.store, destination.is_durable()) {
                 for (to, key, arguments) in exchange.bindings() {
                     if to.same_as(destination) {
-                        store
-                            .delete_binding(&self.binding_record(&exchange, &to, &key, &arguments));
+                        let record = self.binding_record(&exchange, &to, &key, &arguments);
+                        // A leftover binding is dropped at the next start
+                        // (its destination is gone), so a failure here is harmless.
+                        let _ = store.remove_definition(&record.key());
                     }
                 }
             }
@@ -406,14 +430,14 @@ impl VHost {
         let args = QueueArgs::parse(&req.options.arguments, &name, &self.name)?;
         let owner = req.options.exclusive.then_some(req.connection);
         // Exclusive queues die with their connection, so they never touch disk.
-        let journal = match (&self.store, req.options.durable && !req.options.exclusive) {
+        let queue_store = match (&self.store, req.options.durable && !req.options.exclusive) {
             (Some(store), true) => {
                 let queue_id = store.new_queue_id();
-                store.save_queue(&self.name, &name, queue_id, &req.options);
-                Some(Journal {
-                    store: store.clone(),
-                    queue_id,
-                })
+                let record = QueueRecord::new(&self.name, &name, queue_id, &req.options);
+                store
+                    .put_definition(&records::queue_key(&self.name, &name), &encode_json(&record))
+                    .map_err(storage_error)?;
+                Some(store.queue(queue_id))
             }
             _ => None,
         };
@@ -423,7 +447,7 @@ impl VHost {
             options: req.options,
             args,
             owner,
-            journal,
+            store: queue_store,
         };
         let queue = Queue::new(spec, &home, self.timers.clone());
         queues.insert(name, queue.clone());
@@ -502,6 +526,13 @@ impl VHost {
                 self.name
             )));
         }
+        if let (Some(store), true) = (&self.store, queue.is_durable_store()) {
+            if store.is_failed() {
+                return Err(storage_error(StoreError::Failed(
+                    "the store is recovering from a write error".into(),
+                )));
+            }
+        }
         Ok(self.remove_queue(&queue))
     }
 
@@ -517,10 +548,16 @@ impl VHost {
             }
         }
         let count = queue.delete();
-        if let Some(journal) = &queue.journal {
-            journal
-                .store
-                .delete_queue(&self.name, &queue.name, journal.queue_id);
+        if let Some(queue_store) = &queue.store {
+            // After the queue's last writes: its definition goes in one write,
+            // its messages follow in the background.
+            let key = records::queue_key(&self.name, &queue.name);
+            let deleted = queue.with_writes_quiet(|| {
+                queue_store.store().delete_queue(&key, queue_store.id())
+            });
+            if let Err(error) = deleted {
+                tracing::error!(queue = %queue.name, %error, "could not delete a queue's definition");
+            }
         }
         self.forget_destination(&Destination::Queue(queue.clone()));
         count
@@ -610,7 +647,10 @@ impl VHost {
             }
         }
         if let (Some(store), Some(record)) = (&self.store, record) {
-            store.save_binding(&record);
+            if let Err(error) = store.put_definition(&record.key(), &encode_json(&record)) {
+                source.unbind(&destination, Some(key), Some(arguments));
+                return Err(storage_error(error));
+            }
         }
         Ok(())
     }
@@ -627,7 +667,9 @@ impl VHost {
                 &self.store,
                 self.durable_binding(source, destination, key, arguments),
             ) {
-                store.delete_binding(&record);
+                if let Err(error) = store.remove_definition(&record.key()) {
+                    tracing::error!(%error, "could not delete a binding's definition");
+                }
             }
             self.maybe_auto_delete(source);
         }
@@ -664,7 +706,7 @@ impl VHost {
     /// Rebuilds what a restart found on disk for this vhost: exchanges, then
     /// queues with their messages, then the bindings between them, then the
     /// messages delayed exchanges were holding.
-    pub fn restore(&self, recovered: RecoveredVHost) {
+    pub fn restore(&self, recovered: RecoveredVHost) -> Result<(), StoreError> {
         let store = self.store.clone().expect("restore needs a store");
         for record in recovered.exchanges {
             match record.options() {
@@ -675,11 +717,9 @@ impl VHost {
                 _ => {}
             }
         }
-        for (record, entries) in recovered.queues {
-            let journal = Journal {
-                store: store.clone(),
-                queue_id: record.id,
-            };
+        for record in recovered.queues {
+            let queue_store = store.queue(record.id);
+            let entries = queue_store.recover()?;
             let options = record.options();
             // Stored arguments were checked when declared; a newer, stricter
             // check must not lose the queue, so fall back to the lenient defaults.
@@ -690,7 +730,7 @@ impl VHost {
                 options,
                 args,
                 owner: None,
-                journal: Some(journal),
+                store: Some(queue_store),
             };
             let home = self.me.upgrade().expect("a vhost in use is alive");
             let queue = Queue::recovered(spec, &home, self.timers.clone(), entries);
@@ -724,6 +764,7 @@ impl VHost {
         }
         // Last: messages already due route at once, so their bindings must exist.
         self.delayed.restore(self, recovered.delayed);
+        Ok(())
     }
 
     /// The default exchange takes no explicit bindings (403, as in RabbitMQ).

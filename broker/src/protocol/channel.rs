@@ -133,6 +133,9 @@ pub struct Channel {
     /// The shortest consumer timeout among this channel's manual-ack
     /// consumers and gets so far; `None` while nothing needs watching.
     pub ack_timeout_floor: Option<Duration>,
+    /// Replies that promise durability (declare-ok of a durable queue,
+    /// commit-ok…): the connection sends them after the store's next flush.
+    pub held: Vec<AMQPClass>,
 }
 
 /// What the consumer-timeout check found on a channel.
@@ -188,6 +191,7 @@ impl Channel {
             last_exchange: None,
             last_queue: None,
             ack_timeout_floor: None,
+            held: Vec::new(),
         }
     }
 
@@ -231,6 +235,16 @@ impl Channel {
 
     fn reply(&self, method: AMQPClass) {
         self.shared.outbox().send_method(self.id(), method);
+    }
+
+    /// A reply that promises a change survives a crash: held until the
+    /// store has flushed it (when there is a store and the change is durable).
+    fn reply_after_flush(&mut self, ctx: &Context<'_>, durable: bool, method: AMQPClass) {
+        if durable && ctx.broker.store().is_some() {
+            self.held.push(method);
+        } else {
+            self.reply(method);
+        }
     }
 
     /// True when this channel has publishes to confirm at the end of a read batch.
@@ -529,7 +543,7 @@ impl Channel {
     ) -> AmqpResult<()> {
         use exchange::AMQPMethod as E;
         let vhost = ctx.vhost;
-        let (nowait, ok) = match method {
+        let (nowait, durable, ok) = match method {
             E::Declare(d) => {
                 vhost.declare_exchange(&ExchangeDeclare {
                     name: d.exchange.as_str(),
@@ -540,11 +554,12 @@ impl Channel {
                     internal: d.internal,
                     arguments: &d.arguments,
                 })?;
-                (d.nowait, E::DeclareOk(exchange::DeclareOk {}))
+                let durable = d.durable && !d.passive;
+                (d.nowait, durable, E::DeclareOk(exchange::DeclareOk {}))
             }
             E::Delete(d) => {
                 vhost.delete_exchange(d.exchange.as_str(), d.if_unused)?;
-                (d.nowait, E::DeleteOk(exchange::DeleteOk {}))
+                (d.nowait, true, E::DeleteOk(exchange::DeleteOk {}))
             }
             E::Bind(b) => {
                 vhost.bind_exchange(
@@ -553,7 +568,7 @@ impl Channel {
                     b.routing_key.as_str(),
                     &b.arguments,
                 )?;
-                (b.nowait, E::BindOk(exchange::BindOk {}))
+                (b.nowait, true, E::BindOk(exchange::BindOk {}))
             }
             E::Unbind(u) => {
                 vhost.unbind_exchange(
@@ -562,12 +577,12 @@ impl Channel {
                     u.routing_key.as_str(),
                     &u.arguments,
                 )?;
-                (u.nowait, E::UnbindOk(exchange::UnbindOk {}))
+                (u.nowait, true, E::UnbindOk(exchange::UnbindOk {}))
             }
             other => return Err(server_only(AMQPClass::Exchange(other))),
         };
         if !nowait {
-            self.reply(AMQPClass::Exchange(ok));
+            self.reply_after_flush(ctx, durable, AMQPClass::Exchange(ok));
         }
         Ok(())
     }
@@ -576,7 +591,7 @@ impl Channel {
         use queue::AMQPMethod as Q;
         let vhost = ctx.vhost;
         let conn = ctx.connection_id;
-        let (nowait, ok) = match method {
+        let (nowait, durable, ok) = match method {
             Q::Declare(d) => {
                 let (queue, counts) = vhost.declare_queue(QueueDeclare {
                     name: d.queue.as_str(),
@@ -592,6 +607,7 @@ impl Channel {
                 self.last_queue = Some(queue.name.clone());
                 (
                     d.nowait,
+                    queue.is_durable_store() && !d.passive,
                     Q::DeclareOk(queue::DeclareOk {
                         queue: queue.name.as_str().into(),
                         message_count: counts.messages,
@@ -608,7 +624,7 @@ impl Channel {
                     &b.arguments,
                     conn,
                 )?;
-                (b.nowait, Q::BindOk(queue::BindOk {}))
+                (b.nowait, true, Q::BindOk(queue::BindOk {}))
             }
             Q::Unbind(u) => {
                 let name = self.queue_name(&u.queue)?;
@@ -619,22 +635,24 @@ impl Channel {
                     &u.arguments,
                     conn,
                 )?;
-                (false, Q::UnbindOk(queue::UnbindOk {}))
+                (false, true, Q::UnbindOk(queue::UnbindOk {}))
             }
             Q::Purge(p) => {
                 let name = self.queue_name(&p.queue)?;
-                let message_count = vhost.queue(&name, conn)?.purge();
-                (p.nowait, Q::PurgeOk(queue::PurgeOk { message_count }))
+                let queue = vhost.queue(&name, conn)?;
+                let message_count = queue.purge();
+                let durable = queue.is_durable_store();
+                (p.nowait, durable, Q::PurgeOk(queue::PurgeOk { message_count }))
             }
             Q::Delete(d) => {
                 let name = self.queue_name(&d.queue)?;
                 let message_count = vhost.delete_queue(&name, conn, d.if_unused, d.if_empty)?;
-                (d.nowait, Q::DeleteOk(queue::DeleteOk { message_count }))
+                (d.nowait, true, Q::DeleteOk(queue::DeleteOk { message_count }))
             }
             other => return Err(server_only(AMQPClass::Queue(other))),
         };
         if !nowait {
-            self.reply(AMQPClass::Queue(ok));
+            self.reply_after_flush(ctx, durable, AMQPClass::Queue(ok));
         }
         Ok(())
     }
@@ -784,20 +802,18 @@ impl Channel {
                     .tx
                     .take()
                     .ok_or_else(|| AmqpError::precondition("channel is not transactional"))?;
-                let mut stored = false;
+                let durable = !tx.publishes.is_empty() || !tx.settlements.is_empty();
                 for (publish, message, exchange) in tx.publishes {
-                    stored |= self.route(ctx, exchange.as_ref(), &publish, message).stored;
+                    self.route(ctx, exchange.as_ref(), &publish, message);
                 }
                 for (taken, how) in tx.settlements {
                     settle_now(taken, how);
                 }
                 self.after_settle();
-                // commit-ok promises the publishes are as safe as a confirm would.
-                if let (true, Some(store)) = (stored, ctx.broker.store()) {
-                    tokio::task::block_in_place(|| store.flush_blocking());
-                }
                 self.tx = Some(Transaction::default());
-                self.reply(AMQPClass::Tx(T::CommitOk(tx::CommitOk {})));
+                // commit-ok promises the publishes and acks are as safe as a
+                // confirm would: it goes out after the flush that holds them.
+                self.reply_after_flush(ctx, durable, AMQPClass::Tx(T::CommitOk(tx::CommitOk {})));
             }
             T::Rollback(_) => {
                 let tx = self

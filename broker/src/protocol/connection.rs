@@ -20,7 +20,9 @@ use super::outbox::{run_writer, Outbox};
 use crate::alarms::Alarms;
 use crate::config::Config;
 use crate::error::{code, AmqpError, Scope};
+use crate::model::vhost::storage_error;
 use crate::model::Broker;
+use crate::store::StoreError;
 use crate::telemetry::ConnectionTotals;
 
 /// RabbitMQ's handshake_timeout: from TCP accept to connection.open-ok.
@@ -61,6 +63,7 @@ pub async fn serve(
                 outbox: outbox.clone(),
                 channels: HashMap::new(),
                 confirm_pending: Vec::new(),
+                held: Vec::new(),
                 alarms,
                 ack_check_period: None,
                 next_ack_check: None,
@@ -96,6 +99,10 @@ struct Connection {
     channels: HashMap<u16, Channel>,
     /// Channels that completed publishes in confirm mode during this read batch.
     confirm_pending: Vec<u16>,
+    /// Replies waiting for the store's next flush, by channel. While any
+    /// wait, no further frame of this connection is handled, so nothing
+    /// the client sends after a declare-ok can overtake it.
+    held: Vec<(u16, Vec<AMQPClass>)>,
     /// Memory and disk alarms: a publisher is blocked while one is on.
     alarms: Arc<Alarms>,
     /// How often outstanding deliveries are checked against their consumer
@@ -156,6 +163,9 @@ impl Connection {
                     Ok(Flow::Done) => return,
                     Err(error) => return self.close_with(error, socket, reader).await,
                 }
+                if !self.held.is_empty() {
+                    break;
+                }
                 // As RabbitMQ: a connection is blocked when publish content
                 // arrives while an alarm is on; the frames after it wait.
                 if content && self.alarms.any() {
@@ -164,6 +174,13 @@ impl Connection {
                 }
             }
             self.flush_confirms();
+            if !self.held.is_empty() {
+                if let Err(error) = self.send_held_after_flush(&mut shutdown).await {
+                    return self.close_with(error, socket, reader).await;
+                }
+                // Frames already read are handled before the socket is read again.
+                continue;
+            }
             if publish_under_alarm {
                 if !self.stay_blocked(&mut shutdown).await {
                     return self.close_with(shutdown_error(), socket, reader).await;
@@ -213,6 +230,36 @@ impl Connection {
                 }
             }
         }
+    }
+
+    /// Waits for the flush that makes the held replies true, then sends them;
+    /// a failed flush ends the connection with 541 (nothing was promised).
+    async fn send_held_after_flush(
+        &mut self,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<(), AmqpError> {
+        if let Some(store) = self.broker.store().cloned() {
+            let flushed = store.flushed();
+            let ok = tokio::select! {
+                ok = flushed => ok,
+                _ = shutdown.changed() => return Err(shutdown_error()),
+            };
+            if !ok {
+                self.held.clear();
+                return Err(storage_error(StoreError::Failed(
+                    "a flush to disk failed".into(),
+                )));
+            }
+        }
+        for (id, methods) in std::mem::take(&mut self.held) {
+            let open = self.channels.get(&id).is_some_and(|ch| !ch.closing);
+            if open {
+                for method in methods {
+                    self.outbox.send_method(id, method);
+                }
+            }
+        }
+        Ok(())
     }
 
     /// RabbitMQ's blocked state: nothing is read from the client until every
@@ -439,6 +486,9 @@ impl Connection {
         }
         if ch.has_unsent_confirms() && self.confirm_pending.last() != Some(&id) {
             self.confirm_pending.push(id);
+        }
+        if !ch.held.is_empty() {
+            self.held.push((id, std::mem::take(&mut ch.held)));
         }
         Ok(Flow::Continue)
     }

@@ -1,8 +1,9 @@
 //! Giving disk space back. sled reuses the space of deleted messages but never
 //! shrinks its file, so a data dir that once held a large backlog would keep
-//! its peak size forever. At start-up, when the database is large but holds
-//! few messages, its live contents are copied into a fresh database that
-//! replaces the old one; the copy costs little exactly when it saves most.
+//! its peak size forever. At start-up, once the garbage of deleted queues and
+//! purges is gone, a database that is large but holds few messages has its
+//! live contents copied into a fresh database that replaces the old one; the
+//! copy costs little exactly when it saves most.
 //!
 //! The swap is crash-safe: the old database is renamed aside before the new
 //! one takes its place, and [`finish_interrupted`] completes or undoes a swap
@@ -53,9 +54,9 @@ pub fn compact_if_mostly_empty(
     if size < MIN_FILE_BYTES {
         return Ok(db);
     }
-    let messages = db.open_tree("messages").map_err(|e| sled_error(dir, e))?;
-    if messages
-        .iter()
+    let tree = db.open_tree("hare").map_err(|e| sled_error(dir, e))?;
+    if tree
+        .scan_prefix([super::keys::QUEUE])
         .keys()
         .take(MAX_MESSAGES_TO_COPY + 1)
         .count()
@@ -63,7 +64,7 @@ pub fn compact_if_mostly_empty(
     {
         return Ok(db);
     }
-    drop(messages);
+    drop(tree);
     let (live, copy_path, old) = paths(dir);
     let copy = open_sled(&copy_path, cache_bytes).map_err(|e| sled_error(dir, e))?;
     for name in db.tree_names() {

@@ -1,42 +1,46 @@
-//! Durable state in sled: the only module that touches disk.
+//! Durable state in sled: the only module that touches disk. It knows keys,
+//! values and flushes, nothing of exchanges, messages or frames; the model
+//! encodes its records and hands them over as bytes.
 //!
-//! Four trees: `defs` (exchanges, queues, bindings, format version),
-//! `messages` (message id → exchange, routing key, content header, body; one
-//! copy however many queues hold it), `index` (queue id + position →
-//! message id, delivered flag, expiry, priority and size; its key order is
-//! the queue order) and `delayed` (due ms + id → vhost, exchange and the
-//! whole message: persistent messages a durable delayed exchange holds until
-//! they are due; its key order is the due order).
+//! Everything lives in one sled tree (see [`keys`]): definitions, each
+//! durable queue's messages ([`queue::QueueStore`]) and the messages delayed
+//! exchanges hold. Writes go into sled as they happen; durability comes from
+//! [`flusher`], which fsyncs once for everything written since the last
+//! flush (group commit) and then releases the replies that waited for it.
+//! Garbage (deleted queues, purged runs) is removed by [`reaper`] in the
+//! background.
 //!
-//! Writes go into sled as they happen; durability comes from [`flusher`], which
-//! fsyncs once for everything written since the last flush (group commit) and
-//! then releases the publisher confirms that waited for it.
+//! A write error (a full disk) puts the store in a failed state: writes are
+//! refused with an error, and the flusher reopens the database once it can,
+//! which brings it back to its last flushed state.
 
-mod codec;
 mod compact;
 pub mod flusher;
+mod keys;
+pub mod queue;
+mod reaper;
 
-use std::collections::HashMap;
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
 
-use amq_protocol::types::FieldTable;
 use bytes::Bytes;
+use parking_lot::{Mutex, RwLock};
 
-use crate::model::exchange::ExchangeOptions;
-use crate::model::message::Message;
-use crate::model::queue::QueueOptions;
-pub use codec::{BindingRecord, ExchangeRecord, QueueRecord};
-pub use flusher::{FlushWaiter, Flusher};
+pub use flusher::{FlushSignal, FlushWaiter, Flusher};
+pub use queue::{EntryMeta, QueueStore, RecoveredQueue, StoredEntry, Tail};
 
 /// Written once into a new data dir; a data dir with another value is refused.
-const FORMAT: &[u8] = b"hare-store-1";
-const FORMAT_KEY: &[u8] = b"format";
+const FORMAT: &[u8] = b"hare-store-2";
 /// File in the data dir that records the format outside the database.
 const MARKER_FILE: &str = "FORMAT";
+/// After a write error, how often the database is reopened to see whether
+/// the disk has room again.
+const REOPEN_EVERY: Duration = Duration::from_secs(1);
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum StoreError {
     #[error("data dir {0} is in use by another broker (its lock is held); stop that broker or choose another --data-dir")]
@@ -53,96 +57,38 @@ pub enum StoreError {
     Corrupt { dir: PathBuf, detail: String },
     #[error("storage error: {0}")]
     Io(String),
+    /// A write failed (typically a full disk); writes are refused until the
+    /// store has reopened its database.
+    #[error("the data dir cannot be written ({0}); writes are refused until it can")]
+    Failed(String),
+}
+
+impl From<sled::Error> for StoreError {
+    fn from(error: sled::Error) -> Self {
+        StoreError::Io(error.to_string())
+    }
+}
+
+/// The open database; swapped out when the store reopens it after a failure.
+struct Engine {
+    db: sled::Db,
+    tree: sled::Tree,
 }
 
 pub struct Store {
-    db: sled::Db,
-    defs: sled::Tree,
-    messages: sled::Tree,
-    index: sled::Tree,
-    delayed: sled::Tree,
+    dir: PathBuf,
+    cache_bytes: u64,
+    /// `None` while the database is being reopened after a write error.
+    engine: RwLock<Option<Engine>>,
     flusher: Flusher,
-    next_message_id: AtomicU64,
+    reaper: reaper::Reaper,
     next_delayed_id: AtomicU64,
     next_queue_id: AtomicU64,
-    /// Set at shutdown so dropping in-memory queues does not delete what they hold.
+    /// Set at shutdown: nothing changes on disk after it.
     closing: AtomicBool,
-}
-
-/// What a restart finds on disk.
-#[derive(Default)]
-pub struct Recovered {
-    pub exchanges: Vec<ExchangeRecord>,
-    pub queues: Vec<(QueueRecord, Vec<RecoveredMessage>)>,
-    pub bindings: Vec<BindingRecord>,
-    /// Held delayed messages, in due order.
-    pub delayed: Vec<DelayedRecord>,
-}
-
-/// A delayed message found on disk, with the key it is stored under.
-pub struct DelayedRecord {
-    pub vhost: String,
-    pub exchange: String,
-    pub due_ms: u64,
-    pub id: u64,
-    pub message: Message,
-}
-
-/// One entry of a recovered queue, in queue order.
-pub struct RecoveredMessage {
-    pub position: u64,
-    pub entry: IndexEntry,
-    pub stored: Arc<StoredMessage>,
-}
-
-/// A persistent message's copy on disk. Queues share it; when the last holder
-/// drops it (every queue acked or discarded it) its bytes are deleted.
-pub struct StoredMessage {
-    pub id: u64,
-    store: Arc<Store>,
-}
-
-/// A queue's hold on a stored message: owned inline when one queue holds it
-/// (the common case: no separate allocation), shared when several do.
-pub enum StoredRef {
-    Sole(StoredMessage),
-    Shared(Arc<StoredMessage>),
-}
-
-impl StoredRef {
-    /// Owned inline if nobody else holds it.
-    pub fn from_arc(stored: Arc<StoredMessage>) -> StoredRef {
-        match Arc::try_unwrap(stored) {
-            Ok(sole) => StoredRef::Sole(sole),
-            Err(shared) => StoredRef::Shared(shared),
-        }
-    }
-}
-
-impl std::ops::Deref for StoredRef {
-    type Target = StoredMessage;
-    fn deref(&self) -> &StoredMessage {
-        match self {
-            StoredRef::Sole(m) => m,
-            StoredRef::Shared(m) => m,
-        }
-    }
-}
-
-impl Drop for StoredMessage {
-    fn drop(&mut self) {
-        if !self.store.closing.load(Ordering::Acquire) {
-            let _ = self.store.messages.remove(self.id.to_be_bytes());
-        }
-    }
-}
-
-impl StoredMessage {
-    /// Reads the message back (bodies of paged-out messages live only here).
-    pub fn load(&self) -> Option<Message> {
-        let bytes = self.store.messages.get(self.id.to_be_bytes()).ok()??;
-        codec::decode_message(Bytes::from(bytes.to_vec()))
-    }
+    /// A write or flush failed; what failed and when the last reopen was tried.
+    failure: Mutex<Option<(String, Instant)>>,
+    failed: AtomicBool,
 }
 
 fn open_sled(path: &Path, cache_bytes: u64) -> sled::Result<sled::Db> {
@@ -159,10 +105,6 @@ fn sled_error(dir: &Path, error: sled::Error) -> StoreError {
         sled::Error::Io(e) if e.to_string().contains("could not acquire lock") => {
             StoreError::Locked(dir.to_owned())
         }
-        sled::Error::Corruption { .. } => StoreError::Corrupt {
-            dir: dir.to_owned(),
-            detail: error.to_string(),
-        },
         other => StoreError::Corrupt {
             dir: dir.to_owned(),
             detail: other.to_string(),
@@ -170,73 +112,16 @@ fn sled_error(dir: &Path, error: sled::Error) -> StoreError {
     }
 }
 
-fn queue_key(vhost: &str, name: &str) -> Vec<u8> {
-    [b"q\0", vhost.as_bytes(), b"\0", name.as_bytes()].concat()
-}
-
-fn exchange_key(vhost: &str, name: &str) -> Vec<u8> {
-    [b"e\0", vhost.as_bytes(), b"\0", name.as_bytes()].concat()
-}
-
-fn delayed_key(due_ms: u64, id: u64) -> [u8; 16] {
-    let mut key = [0u8; 16];
-    key[..8].copy_from_slice(&due_ms.to_be_bytes());
-    key[8..].copy_from_slice(&id.to_be_bytes());
-    key
-}
-
-fn index_key(queue_id: u64, position: u64) -> [u8; 16] {
-    let mut key = [0u8; 16];
-    key[..8].copy_from_slice(&queue_id.to_be_bytes());
-    key[8..].copy_from_slice(&position.to_be_bytes());
-    key
-}
-
-/// A queue's index entry: what the queue needs of a message without reading
-/// its body (recovery keeps bodies on disk until delivery).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct IndexEntry {
-    pub message_id: u64,
-    /// Delivered at least once, so a restart marks it redelivered.
-    pub delivered: bool,
-    /// Ms since the epoch; 0 = never.
-    pub expires_at: u64,
-    pub priority: u8,
-    pub size: u32,
-}
-
-impl IndexEntry {
-    const LEN: usize = 22;
-
-    /// `[message id u64][delivered u8][expires_at u64][priority u8][size u32]`
-    fn encode(&self) -> [u8; Self::LEN] {
-        let mut value = [0u8; Self::LEN];
-        value[..8].copy_from_slice(&self.message_id.to_be_bytes());
-        value[8] = self.delivered as u8;
-        value[9..17].copy_from_slice(&self.expires_at.to_be_bytes());
-        value[17] = self.priority;
-        value[18..].copy_from_slice(&self.size.to_be_bytes());
-        value
-    }
-
-    /// Also reads the first format's 9-byte entries (id and delivered flag).
-    fn decode(value: &[u8]) -> Option<IndexEntry> {
-        let mut entry = IndexEntry {
-            message_id: u64_from(value.get(..8)?),
-            delivered: *value.get(8)? != 0,
-            ..IndexEntry::default()
-        };
-        match value.len() {
-            9 => {}
-            Self::LEN => {
-                entry.expires_at = u64_from(&value[9..17]);
-                entry.priority = value[17];
-                entry.size = u32::from_be_bytes(value[18..22].try_into().ok()?);
-            }
-            _ => return None,
-        }
-        Some(entry)
-    }
+/// Opens sled on `dir`, turning a panic inside it (unreadable files) into an error.
+fn open_engine(dir: &Path, cache_bytes: u64) -> Result<Engine, StoreError> {
+    let db = std::panic::catch_unwind(|| open_sled(&dir.join("sled"), cache_bytes))
+        .map_err(|_| StoreError::Corrupt {
+            dir: dir.to_owned(),
+            detail: "the storage engine could not read its files".into(),
+        })?
+        .map_err(|e| sled_error(dir, e))?;
+    let tree = db.open_tree("hare").map_err(|e| sled_error(dir, e))?;
+    Ok(Engine { db, tree })
 }
 
 impl Store {
@@ -246,251 +131,231 @@ impl Store {
         std::fs::create_dir_all(dir)
             .map_err(|e| StoreError::Io(format!("{}: {e}", dir.display())))?;
         compact::finish_interrupted(dir)?;
-        let db = std::panic::catch_unwind(|| open_sled(&dir.join("sled"), cache_bytes))
-            .map_err(|_| StoreError::Corrupt {
-                dir: dir.to_owned(),
-                detail: "the storage engine could not read its files".into(),
-            })?
-            .map_err(|e| sled_error(dir, e))?;
-        let open_tree = |name: &str| db.open_tree(name).map_err(|e| sled_error(dir, e));
-        let defs = open_tree("defs")?;
-        let messages = open_tree("messages")?;
-        let index = open_tree("index")?;
-        check_format(dir, &db, &defs, &messages, &index)?;
-        drop((defs, messages, index));
-        let db = compact::compact_if_mostly_empty(dir, db, cache_bytes)?;
-        let open_tree = |name: &str| db.open_tree(name).map_err(|e| sled_error(dir, e));
-        let defs = open_tree("defs")?;
-        let messages = open_tree("messages")?;
-        let index = open_tree("index")?;
-        let delayed = open_tree("delayed")?;
-        let next_message_id = match messages.last().map_err(|e| sled_error(dir, e))? {
-            Some((key, _)) => u64_from(&key) + 1,
+        let engine = open_engine(dir, cache_bytes)?;
+        check_format(dir, &engine)?;
+        let mut next_delayed_id = 1;
+        for key in engine.tree.scan_prefix([keys::DELAYED]).keys() {
+            let key = key.map_err(|e| sled_error(dir, e))?;
+            if let Some((_, id)) = keys::parse_delayed(&key) {
+                next_delayed_id = next_delayed_id.max(id + 1);
+            }
+        }
+        // Queue ids are never reused, so data of a queue a crash orphaned can
+        // never be mistaken for a new queue's.
+        let next_queue_id = match engine.tree.scan_prefix([keys::QUEUE]).keys().next_back() {
+            Some(key) => keys::u64_at(&key.map_err(|e| sled_error(dir, e))?, 1) + 1,
             None => 1,
         };
-        // Keys are due-ordered, so the highest id takes a scan (of few entries).
-        let mut next_delayed_id = 1;
-        for key in delayed.iter().keys() {
-            let key = key.map_err(|e| sled_error(dir, e))?;
-            if key.len() == 16 {
-                next_delayed_id = next_delayed_id.max(u64_from(&key[8..]) + 1);
+        let store = Arc::new_cyclic(|me: &Weak<Store>| {
+            let flush_me = me.clone();
+            Store {
+                dir: dir.to_owned(),
+                cache_bytes,
+                engine: RwLock::new(Some(engine)),
+                flusher: Flusher::start(Box::new(move || match flush_me.upgrade() {
+                    Some(store) => store.flush_now(),
+                    None => true,
+                })),
+                reaper: reaper::Reaper::new(),
+                next_delayed_id: AtomicU64::new(next_delayed_id),
+                next_queue_id: AtomicU64::new(next_queue_id),
+                closing: AtomicBool::new(false),
+                failure: Mutex::new(None),
+                failed: AtomicBool::new(false),
             }
-        }
-        let flusher = Flusher::start(db.clone());
-        Ok(Arc::new(Store {
-            db,
-            defs,
-            messages,
-            index,
-            delayed,
-            flusher,
-            next_message_id: AtomicU64::new(next_message_id),
-            next_delayed_id: AtomicU64::new(next_delayed_id),
-            next_queue_id: AtomicU64::new(1),
-            closing: AtomicBool::new(false),
-        }))
+        });
+        store.reaper.start(Arc::downgrade(&store));
+        Ok(store)
     }
 
-    /// Reads every definition and every queue's messages, in queue order.
-    pub fn recover(self: &Arc<Self>) -> Result<Recovered, StoreError> {
-        let corrupt = |detail: String| StoreError::Corrupt {
-            dir: PathBuf::from("(data dir)"),
-            detail,
-        };
-        let mut recovered = Recovered::default();
-        let mut queues = Vec::new();
-        let mut max_queue_id = 0;
-        for item in self.defs.iter() {
-            let (key, value) = item.map_err(|e| corrupt(e.to_string()))?;
-            match key.first() {
-                Some(b'e') => recovered
-                    .exchanges
-                    .push(codec::decode_json(&value).map_err(corrupt)?),
-                Some(b'q') => {
-                    let record: QueueRecord = codec::decode_json(&value).map_err(corrupt)?;
-                    max_queue_id = max_queue_id.max(record.id);
-                    queues.push(record);
-                }
-                Some(b'b') => recovered
-                    .bindings
-                    .push(codec::decode_json(&value).map_err(corrupt)?),
-                _ => {}
-            }
+    /// The tree, or the reason it cannot be used now.
+    fn tree(&self) -> Result<sled::Tree, StoreError> {
+        match self.engine.read().as_ref() {
+            Some(engine) if !self.failed.load(Ordering::Acquire) => Ok(engine.tree.clone()),
+            _ => Err(self.failed_error()),
         }
-        self.next_queue_id
-            .store(max_queue_id + 1, Ordering::Relaxed);
-        let mut shared: HashMap<u64, Arc<StoredMessage>> = HashMap::new();
-        for record in queues {
-            let mut entries = Vec::new();
-            for item in self.index.scan_prefix(record.id.to_be_bytes()) {
-                let (key, value) = item.map_err(|e| corrupt(e.to_string()))?;
-                let entry = match IndexEntry::decode(&value) {
-                    Some(entry) if key.len() == 16 => entry,
-                    _ => return Err(corrupt("malformed queue index entry".into())),
-                };
-                let message_id = entry.message_id;
-                let stored = shared
-                    .entry(message_id)
-                    .or_insert_with(|| {
-                        Arc::new(StoredMessage {
-                            id: message_id,
-                            store: self.clone(),
-                        })
-                    })
-                    .clone();
-                entries.push(RecoveredMessage {
-                    position: u64_from(&key[8..]),
-                    entry,
-                    stored,
-                });
-            }
-            recovered.queues.push((record, entries));
+    }
+
+    fn failed_error(&self) -> StoreError {
+        let reason = self.failure.lock().as_ref().map(|(r, _)| r.clone());
+        StoreError::Failed(reason.unwrap_or_else(|| "reopening".into()))
+    }
+
+    /// Records a write error: from now on writes are refused until a reopen.
+    fn fail(&self, error: &dyn std::fmt::Display) -> StoreError {
+        let reason = error.to_string();
+        let mut failure = self.failure.lock();
+        if failure.is_none() {
+            tracing::error!(%reason, "the data dir cannot be written; refusing durable changes until it can");
+            *failure = Some((reason.clone(), Instant::now()));
         }
-        for item in self.delayed.iter() {
-            let (key, value) = item.map_err(|e| corrupt(e.to_string()))?;
-            let decoded = codec::decode_delayed(Bytes::from(value.to_vec()));
-            let (Some((vhost, exchange, message)), 16) = (decoded, key.len()) else {
-                return Err(corrupt("malformed delayed message".into()));
-            };
-            recovered.delayed.push(DelayedRecord {
-                vhost,
-                exchange,
-                due_ms: u64_from(&key[..8]),
-                id: u64_from(&key[8..]),
-                message,
-            });
+        self.failed.store(true, Ordering::Release);
+        StoreError::Failed(reason)
+    }
+
+    /// Whether writes are refused now (a write failed and the store has not recovered).
+    pub fn is_failed(&self) -> bool {
+        self.failed.load(Ordering::Acquire)
+    }
+
+    fn write(&self, op: impl FnOnce(&sled::Tree) -> sled::Result<()>) -> Result<(), StoreError> {
+        if self.is_closed() {
+            return Ok(());
         }
-        Ok(recovered)
+        let tree = self.tree()?;
+        op(&tree).map_err(|e| self.fail(&e))?;
+        self.flusher.mark_dirty();
+        Ok(())
+    }
+
+    fn insert(&self, key: &[u8], value: Vec<u8>) -> Result<(), StoreError> {
+        self.write(|t| t.insert(key, value).map(drop))
+    }
+
+    fn remove(&self, key: &[u8]) -> Result<(), StoreError> {
+        self.write(|t| t.remove(key).map(drop))
+    }
+
+    fn apply(&self, batch: sled::Batch) -> Result<(), StoreError> {
+        self.write(|t| t.apply_batch(batch))
+    }
+
+    /// For garbage removal: an error is not the store's failure, only a retry later.
+    fn apply_quietly(&self, batch: sled::Batch) -> Result<(), StoreError> {
+        let tree = self.tree()?;
+        tree.apply_batch(batch)?;
+        self.flusher.mark_dirty();
+        Ok(())
     }
 
     // ---- definitions ----------------------------------------------------------
 
+    /// Every definition, as (key, value) in key order.
+    pub fn definitions(&self) -> Result<Vec<(Vec<u8>, Bytes)>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.tree()?.scan_prefix([keys::DEFINITION]) {
+            let (key, value) = item?;
+            out.push((key[1..].to_vec(), Bytes::from_owner(value)));
+        }
+        Ok(out)
+    }
+
+    pub fn put_definition(&self, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
+        self.insert(&keys::definition(key), value.to_vec())
+    }
+
+    pub fn remove_definition(&self, key: &[u8]) -> Result<(), StoreError> {
+        self.remove(&keys::definition(key))
+    }
+
+    /// Several definition changes as one atomic write: `puts` then `removes`.
+    pub fn change_definitions(
+        &self,
+        puts: &[(&[u8], &[u8])],
+        removes: &[&[u8]],
+    ) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        for (key, value) in puts {
+            batch.insert(keys::definition(key), *value);
+        }
+        for key in removes {
+            batch.remove(keys::definition(key));
+        }
+        self.apply(batch)
+    }
+
+    // ---- queues -----------------------------------------------------------------
+
+    /// A fresh queue id, never used before in this data dir.
     pub fn new_queue_id(&self) -> u64 {
         self.next_queue_id.fetch_add(1, Ordering::Relaxed)
     }
 
-    pub fn save_exchange(&self, vhost: &str, name: &str, options: &ExchangeOptions) {
-        let record = ExchangeRecord::new(vhost, name, options);
-        self.put_def(exchange_key(vhost, name), codec::encode_json(&record));
+    /// The storage of queue `id`.
+    pub fn queue(self: &Arc<Self>, id: u64) -> QueueStore {
+        QueueStore::new(self.clone(), id)
     }
 
-    pub fn delete_exchange(&self, vhost: &str, name: &str) {
-        self.remove_def(exchange_key(vhost, name));
+    /// A queue's definition goes (one atomic write); its messages follow in
+    /// the background.
+    pub fn delete_queue(&self, definition_key: &[u8], id: u64) -> Result<(), StoreError> {
+        self.remove_definition(definition_key)?;
+        self.reaper.clear_queue(id);
+        Ok(())
     }
 
-    pub fn save_queue(&self, vhost: &str, name: &str, id: u64, options: &QueueOptions) {
-        let record = QueueRecord::new(vhost, name, id, options);
-        self.put_def(queue_key(vhost, name), codec::encode_json(&record));
+    /// At start-up: the data of every queue id not in `live` is left over
+    /// from a queue deleted just before a crash, and dead ranges are left
+    /// over from purges; both are removed in the background.
+    pub fn forget_queues_except(&self, live: &HashSet<u64>) -> Result<(), StoreError> {
+        let tree = self.tree()?;
+        let max_live = live.iter().copied().max().unwrap_or(0);
+        self.next_queue_id.fetch_max(max_live + 1, Ordering::Relaxed);
+        let mut from = keys::queue_prefix(0).to_vec();
+        while let Some(item) = tree.range(from.as_slice()..).keys().next() {
+            let key = item?;
+            if key.first() != Some(&keys::QUEUE) || key.len() < keys::QUEUE_PREFIX_LEN {
+                break;
+            }
+            let id = keys::u64_at(&key, 1);
+            if !live.contains(&id) {
+                self.reaper.clear_queue(id);
+            } else {
+                // Purges a crash interrupted are finished too.
+                for item in tree.scan_prefix(keys::queue_kind_prefix(id, keys::DEAD)) {
+                    let (key, end) = item?;
+                    if let (Some((_, _, start)), 8) = (keys::parse_queue_key(&key), end.len()) {
+                        self.reaper.clear_range(id, start, keys::u64_at(&end, 0));
+                    }
+                }
+            }
+            match id.checked_add(1) {
+                Some(next) => from = keys::queue_prefix(next).to_vec(),
+                None => break,
+            }
+        }
+        Ok(())
     }
 
-    /// Forgets a queue and its index (message bodies go with their last holder).
-    pub fn delete_queue(&self, vhost: &str, name: &str, id: u64) {
-        if self.is_closed() {
-            return;
-        }
-        self.remove_def(queue_key(vhost, name));
-        for key in self.index.scan_prefix(id.to_be_bytes()).keys().flatten() {
-            let _ = self.index.remove(key);
-        }
-    }
-
-    pub fn save_binding(&self, record: &BindingRecord) {
-        self.put_def(record.key(), codec::encode_json(record));
-    }
-
-    pub fn delete_binding(&self, record: &BindingRecord) {
-        self.remove_def(record.key());
-    }
-
-    fn put_def(&self, key: Vec<u8>, value: Vec<u8>) {
-        if self.is_closed() {
-            return;
-        }
-        if let Err(error) = self.defs.insert(key, value) {
-            tracing::error!(%error, "could not save a definition");
-        }
-    }
-
-    fn remove_def(&self, key: Vec<u8>) {
-        if self.is_closed() {
-            return;
-        }
-        if let Err(error) = self.defs.remove(key) {
-            tracing::error!(%error, "could not delete a definition");
-        }
-    }
-
-    // ---- messages -----------------------------------------------------------------
-
-    /// Writes a persistent message once, for every durable queue it reaches.
-    pub fn persist_message(self: &Arc<Self>, message: &Message) -> StoredMessage {
-        let id = self.next_message_id.fetch_add(1, Ordering::Relaxed);
-        if let Err(error) = self
-            .messages
-            .insert(id.to_be_bytes(), codec::encode_message(message))
-        {
-            tracing::error!(%error, "could not persist a message");
-        }
-        StoredMessage {
-            id,
-            store: self.clone(),
-        }
-    }
-
-    pub fn index_add(&self, queue_id: u64, position: u64, entry: &IndexEntry) {
-        if self.is_closed() {
-            return;
-        }
-        let _ = self
-            .index
-            .insert(index_key(queue_id, position), &entry.encode());
-    }
-
-    /// Many removals in one sled batch (purge).
-    pub fn index_remove_all(&self, queue_id: u64, positions: impl Iterator<Item = u64>) {
-        if self.is_closed() {
-            return;
-        }
-        let mut batch = sled::Batch::default();
-        for position in positions {
-            batch.remove(&index_key(queue_id, position));
-        }
-        let _ = self.index.apply_batch(batch);
-    }
-
-    pub fn index_remove(&self, queue_id: u64, position: u64) {
-        if self.is_closed() {
-            return;
-        }
-        let _ = self.index.remove(index_key(queue_id, position));
+    /// Waits up to `limit` for the background removals so far; true when done.
+    pub fn wait_reaped_for(&self, limit: Duration) -> bool {
+        self.reaper.wait_idle_for(limit)
     }
 
     // ---- delayed messages ---------------------------------------------------------
 
-    /// Writes a message a delayed exchange holds until `due_ms`; returns its id.
-    pub fn hold_delayed(&self, vhost: &str, exchange: &str, due_ms: u64, message: &Message) -> u64 {
+    /// Writes a record a delayed exchange holds until `due_ms`; returns its id.
+    pub fn hold_delayed(&self, due_ms: u64, record: &[u8]) -> Result<u64, StoreError> {
         let id = self.next_delayed_id.fetch_add(1, Ordering::Relaxed);
-        if let Err(error) = self.delayed.insert(
-            delayed_key(due_ms, id),
-            codec::encode_delayed(vhost, exchange, message),
-        ) {
-            tracing::error!(%error, "could not persist a delayed message");
-        }
-        id
+        self.insert(&keys::delayed(due_ms, id), record.to_vec())?;
+        Ok(id)
     }
 
     /// Forgets a held delayed message (routed, or its exchange deleted).
-    pub fn release_delayed(&self, due_ms: u64, id: u64) {
-        if self.is_closed() {
-            return;
+    pub fn release_delayed(&self, due_ms: u64, id: u64) -> Result<(), StoreError> {
+        self.remove(&keys::delayed(due_ms, id))
+    }
+
+    /// Every held delayed message: (due ms, id, record), in due order.
+    pub fn delayed_records(&self) -> Result<Vec<(u64, u64, Bytes)>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.tree()?.scan_prefix([keys::DELAYED]) {
+            let (key, value) = item?;
+            let (due, id) = keys::parse_delayed(&key).ok_or_else(|| StoreError::Corrupt {
+                dir: self.dir.clone(),
+                detail: "malformed delayed message key".into(),
+            })?;
+            out.push((due, id, Bytes::from_owner(value)));
         }
-        let _ = self.delayed.remove(delayed_key(due_ms, id));
+        Ok(out)
     }
 
     /// How many delayed messages are on disk.
     #[cfg(test)]
     pub(crate) fn delayed_len(&self) -> usize {
-        self.delayed.len()
+        self.tree()
+            .map(|t| t.scan_prefix([keys::DELAYED]).count())
+            .unwrap_or(0)
     }
 
     // ---- durability ---------------------------------------------------------------
@@ -505,9 +370,69 @@ impl Store {
         self.flusher.wait(waiter, token);
     }
 
-    /// Flushes now and waits (transactions commit this way).
+    /// Resolves once everything written so far is on disk (true) or the
+    /// flush failed (false).
+    pub fn flushed(&self) -> impl std::future::Future<Output = bool> {
+        let (signal, done) = FlushSignal::new();
+        self.flusher.wait(signal, 0);
+        async move { done.await.unwrap_or(false) }
+    }
+
+    /// Flushes on the flusher thread; after a failure, first tries to reopen.
+    fn flush_now(&self) -> bool {
+        if self.is_failed() && !self.try_reopen() {
+            return false;
+        }
+        let db = match self.engine.read().as_ref() {
+            Some(engine) => engine.db.clone(),
+            None => return false,
+        };
+        match db.flush() {
+            Ok(_) => true,
+            Err(error) => {
+                self.fail(&error);
+                false
+            }
+        }
+    }
+
+    /// Reopens the database after a write error (at most once a second):
+    /// sled keeps refusing writes once one failed, and a reopen brings it
+    /// back to its last flushed state. True when the store works again.
+    fn try_reopen(&self) -> bool {
+        {
+            let mut failure = self.failure.lock();
+            match failure.as_mut() {
+                Some((_, tried)) if tried.elapsed() < REOPEN_EVERY => return false,
+                Some((_, tried)) => *tried = Instant::now(),
+                None => {}
+            }
+        }
+        if self.is_closed() {
+            return false;
+        }
+        drop(self.engine.write().take());
+        match open_engine(&self.dir, self.cache_bytes) {
+            Ok(engine) => match engine.db.flush() {
+                Ok(_) => {
+                    *self.engine.write() = Some(engine);
+                    *self.failure.lock() = None;
+                    self.failed.store(false, Ordering::Release);
+                    tracing::info!("the data dir can be written again; durable changes resume");
+                    true
+                }
+                Err(_) => false,
+            },
+            Err(error) => {
+                tracing::debug!(%error, "the data dir still cannot be reopened");
+                false
+            }
+        }
+    }
+
+    /// Flushes now and waits.
     pub fn flush_blocking(&self) -> bool {
-        self.db.flush().is_ok()
+        self.flush_now()
     }
 
     /// After [`close`](Self::close) nothing changes on disk any more: what is
@@ -517,11 +442,32 @@ impl Store {
         self.closing.load(Ordering::Acquire)
     }
 
-    /// From now on dropped messages are kept on disk: the broker is stopping.
+    /// The broker is stopping: background removals stop where they are
+    /// (the next start finishes them), and what was written is flushed.
     pub fn close(&self) {
-        self.closing.store(true, Ordering::Release);
+        // A little time to finish, so a restart rarely finds garbage.
+        self.reaper.wait_idle_for(Duration::from_secs(3));
+        self.reaper.stop();
         self.flusher.stop();
-        let _ = self.db.flush();
+        self.closing.store(true, Ordering::Release);
+        if let Some(engine) = self.engine.read().as_ref() {
+            let _ = engine.db.flush();
+        }
+    }
+
+    /// At start-up, once garbage is gone: replaces a database that is large
+    /// but nearly empty with a compact copy (see [`compact`]).
+    pub fn compact_if_mostly_empty(&self) -> Result<(), StoreError> {
+        let mut engine = self.engine.write();
+        let Some(current) = engine.take() else {
+            return Ok(());
+        };
+        let Engine { db, tree } = current;
+        drop(tree);
+        let db = compact::compact_if_mostly_empty(&self.dir, db, self.cache_bytes)?;
+        let tree = db.open_tree("hare").map_err(|e| sled_error(&self.dir, e))?;
+        *engine = Some(Engine { db, tree });
+        Ok(())
     }
 }
 
@@ -529,16 +475,11 @@ impl Store {
 /// The file is what tells a new data dir from one whose database lost its
 /// contents (sled reads a garbage log as an empty one), so that case is an
 /// error instead of a silent fresh start.
-fn check_format(
-    dir: &Path,
-    db: &sled::Db,
-    defs: &sled::Tree,
-    messages: &sled::Tree,
-    index: &sled::Tree,
-) -> Result<(), StoreError> {
+fn check_format(dir: &Path, engine: &Engine) -> Result<(), StoreError> {
     let marker = dir.join(MARKER_FILE);
     let expected = String::from_utf8_lossy(FORMAT).into_owned();
-    let in_db = defs.get(FORMAT_KEY).map_err(|e| sled_error(dir, e))?;
+    let tree = &engine.tree;
+    let in_db = tree.get(keys::FORMAT).map_err(|e| sled_error(dir, e))?;
     match std::fs::read(&marker) {
         Ok(found) if found.trim_ascii() != FORMAT => Err(StoreError::Incompatible {
             dir: dir.to_owned(),
@@ -554,8 +495,9 @@ fn check_format(
             Err(StoreError::Io(format!("{}: {e}", marker.display())))
         }
         Err(_) => {
-            let only_marker = defs.len() <= usize::from(in_db.is_some());
-            if !(only_marker && messages.is_empty() && index.is_empty()) {
+            let only_marker = tree.len() <= usize::from(in_db.is_some());
+            let other_trees = engine.db.tree_names().len() > 2;
+            if !only_marker || other_trees {
                 return Err(StoreError::Incompatible {
                     dir: dir.to_owned(),
                     found: "no format marker".into(),
@@ -563,39 +505,14 @@ fn check_format(
                 });
             }
             // A new data dir: the marker goes into the database first, then the file.
-            defs.insert(FORMAT_KEY, FORMAT)
+            tree.insert(keys::FORMAT, FORMAT)
                 .map_err(|e| sled_error(dir, e))?;
-            db.flush().map_err(|e| sled_error(dir, e))?;
+            engine.db.flush().map_err(|e| sled_error(dir, e))?;
             let io = |e: std::io::Error| StoreError::Io(format!("{}: {e}", marker.display()));
             let mut file = std::fs::File::create(&marker).map_err(io)?;
             std::io::Write::write_all(&mut file, FORMAT).map_err(io)?;
             file.sync_all().map_err(io)?;
             Ok(())
         }
-    }
-}
-
-fn u64_from(bytes: &[u8]) -> u64 {
-    let mut buf = [0u8; 8];
-    buf.copy_from_slice(&bytes[..8]);
-    u64::from_be_bytes(buf)
-}
-
-/// Durable bindings record their arguments too, so a restart rebuilds them exactly.
-pub fn binding_record(
-    vhost: &str,
-    source: &str,
-    destination_is_queue: bool,
-    destination: &str,
-    routing_key: &str,
-    arguments: &FieldTable,
-) -> BindingRecord {
-    BindingRecord {
-        vhost: vhost.to_owned(),
-        source: source.to_owned(),
-        destination_is_queue,
-        destination: destination.to_owned(),
-        routing_key: routing_key.to_owned(),
-        arguments: arguments.clone(),
     }
 }

@@ -1,16 +1,27 @@
-//! How definitions and messages look on disk. Definitions are JSON (rare,
-//! small, readable when debugging); messages are a compact binary record that
-//! keeps the content header exactly as it arrived.
+//! How the model's durable things look as bytes, for the store to keep.
+//! Definitions are JSON (rare, small, readable when debugging) under keys
+//! that make them unique; messages are a compact binary record that keeps
+//! the content header exactly as it arrived.
 
 use amq_protocol::frame::parsing::parse_content_header;
 use amq_protocol::types::FieldTable;
 use bytes::{Buf, Bytes};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
-use crate::model::delayed;
-use crate::model::exchange::{ExchangeKind, ExchangeOptions};
-use crate::model::message::Message;
-use crate::model::queue::QueueOptions;
+use super::delayed;
+use super::exchange::{ExchangeKind, ExchangeOptions};
+use super::message::Message;
+use super::queue::QueueOptions;
+
+/// The store key of a durable exchange's definition.
+pub fn exchange_key(vhost: &str, name: &str) -> Vec<u8> {
+    [b"e\0", vhost.as_bytes(), b"\0", name.as_bytes()].concat()
+}
+
+/// The store key of a durable queue's definition.
+pub fn queue_key(vhost: &str, name: &str) -> Vec<u8> {
+    [b"q\0", vhost.as_bytes(), b"\0", name.as_bytes()].concat()
+}
 
 #[derive(Serialize, Deserialize)]
 pub struct ExchangeRecord {
@@ -128,18 +139,28 @@ pub fn decode_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
     serde_json::from_slice(bytes).map_err(|e| format!("unreadable definition: {e}"))
 }
 
-/// `[exchange len u8][exchange][routing key len u8][routing key][header len u32][header][body]`
-pub fn encode_message(m: &Message) -> Vec<u8> {
+/// The part of a message record before its content header and body:
+/// `[exchange len u8][exchange][routing key len u8][routing key][header len u32]`.
+/// The record is this, the header, then the body, so the store can write
+/// them in one go without the model copying the body first.
+pub fn message_prefix(m: &Message) -> Vec<u8> {
     let (ex, rk) = (
         m.exchange.as_str().as_bytes(),
         m.routing_key.as_str().as_bytes(),
     );
-    let mut out = Vec::with_capacity(6 + ex.len() + rk.len() + m.raw_header.len() + m.body.len());
+    let mut out = Vec::with_capacity(6 + ex.len() + rk.len());
     out.push(ex.len() as u8);
     out.extend_from_slice(ex);
     out.push(rk.len() as u8);
     out.extend_from_slice(rk);
     out.extend_from_slice(&(m.raw_header.len() as u32).to_be_bytes());
+    out
+}
+
+/// The whole record of a message, as one buffer.
+pub fn encode_message(m: &Message) -> Vec<u8> {
+    let mut out = message_prefix(m);
+    out.reserve(m.raw_header.len() + m.body.len());
     out.extend_from_slice(&m.raw_header);
     out.extend_from_slice(&m.body);
     out
@@ -205,4 +226,23 @@ pub fn decode_delayed(mut bytes: Bytes) -> Option<(String, String, Message)> {
     }
     let exchange = String::from_utf8(bytes.split_to(exchange_len).to_vec()).ok()?;
     Some((vhost, exchange, decode_message(bytes)?))
+}
+
+/// Durable bindings record their arguments too, so a restart rebuilds them exactly.
+pub fn binding_record(
+    vhost: &str,
+    source: &str,
+    destination_is_queue: bool,
+    destination: &str,
+    routing_key: &str,
+    arguments: &FieldTable,
+) -> BindingRecord {
+    BindingRecord {
+        vhost: vhost.to_owned(),
+        source: source.to_owned(),
+        destination_is_queue,
+        destination: destination.to_owned(),
+        routing_key: routing_key.to_owned(),
+        arguments: arguments.clone(),
+    }
 }

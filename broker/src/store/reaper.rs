@@ -1,0 +1,166 @@
+//! Removing what is already logically gone, in the background: the messages
+//! of a deleted queue, the dead range of a purge, the leftovers of queues a
+//! crash orphaned. The operation that made them garbage was one atomic write
+//! (a definition removed, a dead-range marker written), so its reply does not
+//! wait for this, and nobody else waits either: the work goes in bounded
+//! batches with pauses in between.
+
+use std::collections::VecDeque;
+use std::sync::Weak;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use parking_lot::{Condvar, Mutex};
+
+use super::keys::{self, DEAD, ENTRY};
+use super::Store;
+
+/// Keys removed per batch.
+const CHUNK: usize = 2048;
+/// Pause between batches, so a big removal never hogs the disk or a core.
+const PAUSE: Duration = Duration::from_millis(2);
+
+#[derive(Clone, Copy, Debug)]
+enum Job {
+    /// Everything under a queue id (its definition is gone).
+    Queue(u64),
+    /// Entries `start..end` of a queue, then the marker that declared them dead.
+    Range { queue: u64, start: u64, end: u64 },
+}
+
+#[derive(Default)]
+struct State {
+    jobs: VecDeque<Job>,
+    stop: bool,
+    /// A job is being worked on (for tests that wait until all is reaped).
+    busy: bool,
+}
+
+#[derive(Default)]
+struct Shared {
+    state: Mutex<State>,
+    wake: Condvar,
+    idle: Condvar,
+}
+
+pub struct Reaper {
+    shared: std::sync::Arc<Shared>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Reaper {
+    pub fn new() -> Self {
+        Reaper {
+            shared: Default::default(),
+            thread: Mutex::new(None),
+        }
+    }
+
+    /// Starts the thread; it holds the store weakly so the store can close.
+    pub fn start(&self, store: Weak<Store>) {
+        let shared = self.shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("hare-reaper".into())
+            .spawn(move || run(&store, &shared))
+            .expect("spawn the reaper thread");
+        *self.thread.lock() = Some(thread);
+    }
+
+    fn push(&self, job: Job) {
+        self.shared.state.lock().jobs.push_back(job);
+        self.shared.wake.notify_one();
+    }
+
+    pub fn clear_queue(&self, queue: u64) {
+        self.push(Job::Queue(queue));
+    }
+
+    pub fn clear_range(&self, queue: u64, start: u64, end: u64) {
+        self.push(Job::Range { queue, start, end });
+    }
+
+    /// Waits up to `limit` until every job so far is done; true if they are.
+    pub fn wait_idle_for(&self, limit: Duration) -> bool {
+        let deadline = std::time::Instant::now() + limit;
+        let mut state = self.shared.state.lock();
+        while !state.jobs.is_empty() || state.busy {
+            if self.shared.idle.wait_until(&mut state, deadline).timed_out() {
+                return state.jobs.is_empty() && !state.busy;
+            }
+        }
+        true
+    }
+
+    pub fn stop(&self) {
+        self.shared.state.lock().stop = true;
+        self.shared.wake.notify_all();
+        if let Some(thread) = self.thread.lock().take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn run(store: &Weak<Store>, shared: &Shared) {
+    loop {
+        let job = {
+            let mut state = shared.state.lock();
+            state.busy = false;
+            shared.idle.notify_all();
+            loop {
+                if state.stop {
+                    return;
+                }
+                if let Some(job) = state.jobs.pop_front() {
+                    state.busy = true;
+                    break job;
+                }
+                shared.wake.wait(&mut state);
+            }
+        };
+        let Some(store) = store.upgrade() else {
+            return;
+        };
+        if let Err(error) = reap(&store, job, shared) {
+            // Garbage left behind is found again at the next start.
+            tracing::warn!(%error, ?job, "could not remove deleted messages; retried at the next start");
+        }
+    }
+}
+
+fn stopping(shared: &Shared) -> bool {
+    shared.state.lock().stop
+}
+
+fn reap(store: &Store, job: Job, shared: &Shared) -> Result<(), super::StoreError> {
+    let (from, to) = match job {
+        Job::Queue(q) => (keys::queue_key(q, 0, 0), keys::queue_key(q, u8::MAX, u64::MAX)),
+        Job::Range { queue, start, end } => (
+            keys::queue_key(queue, ENTRY, start),
+            keys::queue_key(queue, ENTRY, end),
+        ),
+    };
+    loop {
+        if stopping(shared) || store.is_closed() {
+            return Ok(());
+        }
+        let tree = store.tree()?;
+        let chunk: Vec<sled::IVec> = tree
+            .range(from.as_slice()..to.as_slice())
+            .keys()
+            .take(CHUNK)
+            .collect::<Result<_, _>>()?;
+        let last_chunk = chunk.len() < CHUNK;
+        let mut batch = sled::Batch::default();
+        for key in chunk {
+            batch.remove(key);
+        }
+        if let (true, Job::Range { queue, start, .. }) = (last_chunk, job) {
+            batch.remove(&keys::queue_key(queue, DEAD, start));
+        }
+        store.apply_quietly(batch)?;
+        if last_chunk {
+            return Ok(());
+        }
+        std::thread::sleep(PAUSE);
+    }
+}
