@@ -673,13 +673,17 @@ async fn big_operation_does_not_stall_others(op: Op, label: &str) {
     );
 }
 
-/// See [`big_operation_does_not_stall_others`].
+/// queue.purge of 100,000 persistent messages: purge-ok within 1 s, and
+/// another connection's round trips stay under 50 ms meanwhile and for 3 s
+/// after (see [`big_operation_does_not_stall_others`]).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn purging_100k_messages_does_not_stall_other_clients() {
     big_operation_does_not_stall_others(Op::Purge, "stall-purge").await;
 }
 
-/// See [`big_operation_does_not_stall_others`].
+/// queue.delete of a queue with 100,000 persistent messages: delete-ok
+/// within 1 s, and another connection's round trips stay under 50 ms
+/// meanwhile and for 3 s after (see [`big_operation_does_not_stall_others`]).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleting_a_queue_of_100k_messages_does_not_stall_other_clients() {
     big_operation_does_not_stall_others(Op::Delete, "stall-delete").await;
