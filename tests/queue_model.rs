@@ -69,6 +69,9 @@
 //! shrunk to a minimal sequence, printed as a `run_ops(..)` call that can be
 //! pasted into a regression test, with a trace of what the broker answered.
 //!
+//! `QUEUE_MODEL_TRACE=1` also prints the trace of every passing case (add
+//! `-- --nocapture`).
+//!
 //! Against another broker (e.g. RabbitMQ):
 //! `HARE_TEST_URL=amqp://guest:guest@127.0.0.1:5680/%2f cargo test --test queue_model`
 //! runs the same cases on that broker, skipping `Restart` and `Kill9`.
@@ -1377,6 +1380,9 @@ async fn run_ops(max_priority: Option<u8>, ops: &[Op]) -> Result<(), String> {
     let mut h = Harness::start(max_priority).await?;
     let result = h.run(ops).await;
     let log = h.teardown(result.is_err()).await;
+    if result.is_ok() && std::env::var_os("QUEUE_MODEL_TRACE").is_some() {
+        eprintln!("--- passed (max_priority {max_priority:?}) ---\n{}", h.trace);
+    }
     result.map_err(|e| {
         format!(
             "{e}\n--- trace (max_priority {max_priority:?}) ---\n{}{log}",
