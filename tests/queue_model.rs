@@ -6,7 +6,9 @@
 //! Each proptest case starts its own `hare` process on its own temporary data
 //! dir, declares one durable queue (plain, or with `x-max-priority` 1–4,
 //! chosen per case) and runs up to 30 operations on three channels of one
-//! connection: `P` publishes (confirm mode) and asks for counts, `G` does
+//! connection: `P` publishes (confirm mode; also `PublishMany`, a pipelined
+//! burst, sometimes past the 1024 ready messages Hare keeps in memory) and
+//! asks for counts, `G` does
 //! `basic.get`, `C` consumes with a prefetch. Every message body is `m<id>`,
 //! `id` being its publish number, so the model knows each message by name.
 //!
@@ -63,7 +65,8 @@
 //! that expire during a case (timing), and several queues (each has its own
 //! tests elsewhere; the model would grow much faster than what it checks).
 //!
-//! Runs: by default (`cargo test --test queue_model`) 16 cases; proptest reads
+//! Runs: by default (`cargo test --test queue_model`) 32 cases, about 10-15 s
+//! in a debug build on two cores; proptest reads
 //! `PROPTEST_CASES`, so a longer run is
 //! `PROPTEST_CASES=500 cargo test --release --test queue_model`. A failure is
 //! shrunk to a minimal sequence, printed as a `run_ops(..)` call that can be
@@ -74,15 +77,22 @@
 //!
 //! Against another broker (e.g. RabbitMQ):
 //! `HARE_TEST_URL=amqp://guest:guest@127.0.0.1:5680/%2f cargo test --test queue_model`
-//! runs the same cases on that broker, skipping `Restart` and `Kill9`.
+//! runs the same cases on that broker, skipping `Restart` and `Kill9`, and on
+//! a plain queue: RabbitMQ 3.10's priority queues deliver an expired TTL-0
+//! message once it is at the head, and redeliver requeued messages ahead of
+//! higher priorities, both against RabbitMQ's own documentation. 300 cases pass
+//! against RabbitMQ 3.10.8 that way.
+//!
+//! The regression tests at the end pin down what the model found in Hare
+//! but accepts (see each one); they are `#[ignore]`d while the bug stands.
 
 mod common;
 
 use std::cmp::Reverse;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::ops::Bound;
 use std::future::Future;
+use std::ops::Bound;
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -108,7 +118,7 @@ const TIMEOUT: Duration = Duration::from_secs(5);
 const QUIET: Duration = Duration::from_millis(50);
 
 /// Default number of cases when `PROPTEST_CASES` is not set.
-const DEFAULT_CASES: u32 = 16;
+const DEFAULT_CASES: u32 = 32;
 
 /// Longest operation sequence generated.
 const MAX_OPS: usize = 30;
@@ -370,11 +380,7 @@ impl Model {
         if c.prefetch == 0 {
             return usize::MAX;
         }
-        let held = self
-            .out
-            .iter()
-            .filter(|o| o.consumer == Some(c.id))
-            .count();
+        let held = self.out.iter().filter(|o| o.consumer == Some(c.id)).count();
         usize::from(c.prefetch).saturating_sub(held)
     }
 
@@ -461,7 +467,10 @@ impl Model {
         self.next_id += 1;
         if ttl == Ttl::Zero {
             if let (Some(c), true) = (self.consumer, self.credit() > 0) {
-                assert!(self.ready.is_empty(), "model: credit left with ready messages");
+                assert!(
+                    self.ready.is_empty(),
+                    "model: credit left with ready messages"
+                );
                 return vec![self.deliver(m, Chan::Consumer, Some(c.id), true)];
             }
         }
@@ -980,10 +989,9 @@ impl Harness {
     async fn get(&mut self, no_ack: bool) -> Result<Vec<Expect>, String> {
         let got = bounded(
             "basic.get",
-            self.s().get.basic_get(
-                self.queue.as_str().into(),
-                BasicGetOptions { no_ack },
-            ),
+            self.s()
+                .get
+                .basic_get(self.queue.as_str().into(), BasicGetOptions { no_ack }),
         )
         .await?;
         let expected = self.model.get(no_ack);
@@ -1109,10 +1117,9 @@ impl Harness {
     async fn purge(&mut self) -> Result<Vec<Expect>, String> {
         let n = bounded(
             "queue.purge",
-            self.s().publ.queue_purge(
-                self.queue.as_str().into(),
-                QueuePurgeOptions::default(),
-            ),
+            self.s()
+                .publ
+                .queue_purge(self.queue.as_str().into(), QueuePurgeOptions::default()),
         )
         .await? as usize;
         let (lo, hi) = self.model.purge();
@@ -1188,7 +1195,10 @@ impl Harness {
         loop {
             let got = tokio::time::timeout(
                 TIMEOUT,
-                ch.basic_get(self.queue.as_str().into(), BasicGetOptions { no_ack: false }),
+                ch.basic_get(
+                    self.queue.as_str().into(),
+                    BasicGetOptions { no_ack: false },
+                ),
             )
             .await
             .map_err(|_| format!("basic.get after kill -9: no answer within {TIMEOUT:?}"))?;
@@ -1250,7 +1260,9 @@ impl Harness {
                 Some(_) => {}
             }
             if !required {
-                self.note(format!("{body} came back (removed after the last flush point)"));
+                self.note(format!(
+                    "{body} came back (removed after the last flush point)"
+                ));
             }
             let after = |map: &BTreeMap<Key, Msg>| {
                 map.range((Bound::Excluded(*key), Bound::Unbounded)).count()
@@ -1302,14 +1314,12 @@ impl Harness {
                 Ok(Some(Ok(d))) => d,
                 Ok(Some(Err(e))) => return Err(format!("consumer error: {e}")),
                 Ok(None) => return Err("consumer stream ended".into()),
-                Err(_) => {
-                    return Err(format!(
-                        "no delivery within {TIMEOUT:?}; the model expects {} (tag {}, redelivered {})",
-                        e.msg.body(),
-                        e.tag,
-                        e.redelivered
-                    ))
-                }
+                Err(_) => return Err(format!(
+                    "no delivery within {TIMEOUT:?}; the model expects {} (tag {}, redelivered {})",
+                    e.msg.body(),
+                    e.tag,
+                    e.redelivered
+                )),
             };
             self.note(format!("delivered {}", describe(&d)));
             check_delivery("delivery", &d, e)?;
@@ -1450,7 +1460,10 @@ async fn run_ops(max_priority: Option<u8>, ops: &[Op]) -> Result<(), String> {
     let result = h.run(ops).await;
     let log = h.teardown(result.is_err()).await;
     if result.is_ok() && std::env::var_os("QUEUE_MODEL_TRACE").is_some() {
-        eprintln!("--- passed (max_priority {max_priority:?}) ---\n{}", h.trace);
+        eprintln!(
+            "--- passed (max_priority {max_priority:?}) ---\n{}",
+            h.trace
+        );
     }
     result.map_err(|e| {
         format!(
@@ -1490,4 +1503,130 @@ fn queue_matches_model() {
         ),
         Err(e) => panic!("{e}"),
     }
+}
+
+// ---------------------------------------------------------------------------
+// Regressions found by the model
+// ---------------------------------------------------------------------------
+
+/// Starts `hare` on a fresh data dir, runs `before` on a session, waits a
+/// second (so nothing depends on a race with a background flush), kills it
+/// with SIGKILL, starts it again and runs `after` on a new session.
+async fn across_kill9<B, A>(before: B, after: A)
+where
+    B: AsyncFnOnce(&Session),
+    A: AsyncFnOnce(&Session),
+{
+    let dir = hare_suite::temp_data_dir("queue-model-kill9");
+    let data = dir.join("data");
+    let broker = start_process(&data).await;
+    let s = Session::open(&broker.url()).await.expect("session");
+    before(&s).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    tokio::task::spawn_blocking(move || broker.kill9())
+        .await
+        .expect("kill -9");
+    drop(s);
+    let broker = start_process(&data).await;
+    let s = Session::open(&broker.url()).await.expect("session");
+    after(&s).await;
+    s.close().await;
+    drop(broker);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+async fn declare_durable(s: &Session, queue: &str) {
+    bounded(
+        "queue.declare",
+        s.publ.queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        ),
+    )
+    .await
+    .unwrap();
+}
+
+/// HARE BUG (found by the model as `run_ops(None, &[Kill9])`): a durable
+/// queue whose queue.declare-ok the client has received is gone after
+/// `kill -9` unless something flushed the store in between. The store is
+/// opened with `flush_every_ms(None)` and only publisher confirms of
+/// persistent messages (and a clean stop) flush it, so definitions (and acks,
+/// purges, delivered marks, see below) can stay in the process's memory for
+/// any length of time. RabbitMQ 3.10 keeps the queue (checked by hand: declare,
+/// `kill -9` of its node, restart). The consequence is silent loss: a
+/// publisher that sends to the vanished queue through the default exchange
+/// gets its confirm (unroutable, not mandatory) and the message goes nowhere.
+///
+/// The model accepts this (a queue may vanish only if `kill -9` comes before
+/// the first flush point), so this test pins it down on its own; it fails
+/// today and is ignored so `cargo test` stays green. Run it with
+/// `cargo test --test queue_model -- --ignored`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "hare bug: a durable queue.declare is not on disk until a later persistent publish"]
+async fn durable_queue_declared_before_kill9_survives() {
+    across_kill9(
+        async |s: &Session| declare_durable(s, "declared").await,
+        async |s: &Session| {
+            let found = passive_declare(&s.publ, "declared").await;
+            assert!(
+                found.is_ok(),
+                "durable queue lost by kill -9 a second after its declare-ok: {found:?}"
+            );
+        },
+    )
+    .await;
+}
+
+/// HARE BUG, same cause (the model allows it as at-least-once after the last
+/// flush point, since no broker promises that a purge or an ack is on disk
+/// before a crash): a purge that happened a second before `kill -9` is
+/// undone, the purged persistent messages are back. RabbitMQ 3.10 keeps them
+/// purged in the same experiment. Without any periodic flush the window is
+/// unbounded: a consumer-only workload (acks, no new persistent publishes)
+/// gets everything it acked since the last persistent publish redelivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "hare bug: purges and acks are not on disk until a later persistent publish"]
+async fn purge_a_second_before_kill9_stays_purged() {
+    across_kill9(
+        async |s: &Session| {
+            declare_durable(s, "purged").await;
+            for i in 0..5 {
+                let confirm = bounded(
+                    "basic.publish",
+                    s.publ.basic_publish(
+                        "".into(),
+                        "purged".into(),
+                        Default::default(),
+                        format!("m{i}").as_bytes(),
+                        properties(true, None, Ttl::Never),
+                    ),
+                )
+                .await
+                .unwrap();
+                bounded("confirm", confirm).await.unwrap();
+            }
+            let purged = bounded(
+                "queue.purge",
+                s.publ
+                    .queue_purge("purged".into(), QueuePurgeOptions::default()),
+            )
+            .await
+            .unwrap();
+            assert_eq!(purged, 5);
+        },
+        async |s: &Session| {
+            let q = passive_declare(&s.publ, "purged").await.unwrap();
+            assert_eq!(
+                q.message_count(),
+                0,
+                "purged messages are back after kill -9 a second later"
+            );
+        },
+    )
+    .await;
 }
