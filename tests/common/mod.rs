@@ -22,6 +22,7 @@ use lapin::{Channel, Connection, ConnectionProperties, Consumer, ExchangeKind};
 pub use hare_suite::TestBroker;
 
 pub mod args;
+pub mod crash;
 pub mod process;
 pub mod raw;
 
