@@ -84,7 +84,7 @@
 //! against RabbitMQ 3.10.8 that way.
 //!
 //! The regression tests at the end pin down what the model found in Hare
-//! but accepts (see each one); they are `#[ignore]`d while the bug stands.
+//! before its store flushed durable changes before replying (see each one).
 
 mod common;
 
@@ -1123,6 +1123,8 @@ impl Harness {
         )
         .await? as usize;
         let (lo, hi) = self.model.purge();
+        // purge-ok of a durable queue follows a flush of every earlier write.
+        self.model.flush_point();
         self.note(format!("purge-ok {n}"));
         ensure!(
             (lo..=hi).contains(&n),
@@ -1204,19 +1206,6 @@ impl Harness {
             .map_err(|_| format!("basic.get after kill -9: no answer within {TIMEOUT:?}"))?;
             let got = match got {
                 Ok(got) => got,
-                Err(e) if self.model.epoch == 0 && tag == 0 && is_not_found(&e) => {
-                    // Nothing was flushed since the declare (no persistent
-                    // publish, no clean stop), so the queue itself may be
-                    // gone: Hare does not flush before queue.declare-ok.
-                    ensure!(
-                        crash.required.is_empty() && crash.possible.is_empty(),
-                        "model: persistent messages before the first flush point"
-                    );
-                    self.note("the queue is gone (its declare was never flushed); declared again");
-                    ch = bounded("channel.open", self.s().conn.create_channel()).await?;
-                    self.declare(&ch).await?;
-                    continue;
-                }
                 Err(e) => return Err(format!("basic.get after kill -9: {e}")),
             };
             let Some(g) = got else { break };
@@ -1551,7 +1540,7 @@ async fn declare_durable(s: &Session, queue: &str) {
     .unwrap();
 }
 
-/// HARE BUG (found by the model as `run_ops(None, &[Kill9])`): a durable
+/// Was a Hare bug (found by the model as `run_ops(None, &[Kill9])`): a durable
 /// queue whose queue.declare-ok the client has received is gone after
 /// `kill -9` unless something flushed the store in between. The store is
 /// opened with `flush_every_ms(None)` and only publisher confirms of
@@ -1562,12 +1551,9 @@ async fn declare_durable(s: &Session, queue: &str) {
 /// publisher that sends to the vanished queue through the default exchange
 /// gets its confirm (unroutable, not mandatory) and the message goes nowhere.
 ///
-/// The model accepts this (a queue may vanish only if `kill -9` comes before
-/// the first flush point), so this test pins it down on its own; it fails
-/// today and is ignored so `cargo test` stays green. Run it with
-/// `cargo test --test queue_model -- --ignored`.
+/// Fixed: declare-ok now goes out after the group commit that holds the
+/// definition, and the model treats it (and purge-ok) as a flush point.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "hare bug: a durable queue.declare is not on disk until a later persistent publish"]
 async fn durable_queue_declared_before_kill9_survives() {
     across_kill9(
         async |s: &Session| declare_durable(s, "declared").await,
@@ -1582,7 +1568,7 @@ async fn durable_queue_declared_before_kill9_survives() {
     .await;
 }
 
-/// HARE BUG, same cause (the model allows it as at-least-once after the last
+/// Was a Hare bug, same cause (the model allows it as at-least-once after the last
 /// flush point, since no broker promises that a purge or an ack is on disk
 /// before a crash): a purge that happened a second before `kill -9` is
 /// undone, the purged persistent messages are back. RabbitMQ 3.10 keeps them
@@ -1590,7 +1576,6 @@ async fn durable_queue_declared_before_kill9_survives() {
 /// unbounded: a consumer-only workload (acks, no new persistent publishes)
 /// gets everything it acked since the last persistent publish redelivered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "hare bug: purges and acks are not on disk until a later persistent publish"]
 async fn purge_a_second_before_kill9_stays_purged() {
     across_kill9(
         async |s: &Session| {
