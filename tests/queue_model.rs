@@ -706,10 +706,6 @@ fn check_delivery(what: &str, d: &Delivery, e: &Expect) -> Result<(), String> {
     Ok(())
 }
 
-fn is_not_found(e: &lapin::Error) -> bool {
-    matches!(e.kind(), lapin::ErrorKind::ProtocolError(p) if p.get_id() == 404)
-}
-
 fn describe(d: &Delivery) -> String {
     format!(
         "{} (tag {}, redelivered {})",
@@ -1193,7 +1189,6 @@ impl Harness {
         let mut last: Option<Key> = None;
         let mut tag = 0u64;
         let mut seen = String::new();
-        let mut ch = ch;
         loop {
             let got = tokio::time::timeout(
                 TIMEOUT,
@@ -1303,12 +1298,14 @@ impl Harness {
                 Ok(Some(Ok(d))) => d,
                 Ok(Some(Err(e))) => return Err(format!("consumer error: {e}")),
                 Ok(None) => return Err("consumer stream ended".into()),
-                Err(_) => return Err(format!(
+                Err(_) => {
+                    return Err(format!(
                     "no delivery within {TIMEOUT:?}; the model expects {} (tag {}, redelivered {})",
                     e.msg.body(),
                     e.tag,
                     e.redelivered
-                )),
+                ))
+                }
             };
             self.note(format!("delivered {}", describe(&d)));
             check_delivery("delivery", &d, e)?;

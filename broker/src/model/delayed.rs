@@ -28,9 +28,9 @@ use super::args;
 use super::exchange::{Exchange, ExchangeKind};
 use super::message::Message;
 use super::publish::Published;
+use super::records;
 use super::timers::{now_ms, Timed, Timers};
 use super::vhost::VHost;
-use super::records;
 use crate::error::{AmqpError, AmqpResult};
 use crate::store::StoreError;
 

@@ -147,7 +147,11 @@ fn read_definitions(store: &Store) -> Result<HashMap<String, RecoveredVHost>, St
         match key.first() {
             Some(b'e') => {
                 let e: records::ExchangeRecord = records::decode_json(&value).map_err(corrupt)?;
-                by_vhost.entry(e.vhost.clone()).or_default().exchanges.push(e);
+                by_vhost
+                    .entry(e.vhost.clone())
+                    .or_default()
+                    .exchanges
+                    .push(e);
             }
             Some(b'q') => {
                 let q: records::QueueRecord = records::decode_json(&value).map_err(corrupt)?;
@@ -155,7 +159,11 @@ fn read_definitions(store: &Store) -> Result<HashMap<String, RecoveredVHost>, St
             }
             Some(b'b') => {
                 let b: records::BindingRecord = records::decode_json(&value).map_err(corrupt)?;
-                by_vhost.entry(b.vhost.clone()).or_default().bindings.push(b);
+                by_vhost
+                    .entry(b.vhost.clone())
+                    .or_default()
+                    .bindings
+                    .push(b);
             }
             _ => {}
         }

@@ -361,7 +361,11 @@ impl QueueState {
 
     /// Ready messages, in memory and in the tail on disk.
     fn ready_count(&self) -> u64 {
-        let tail = self.disk.as_ref().and_then(|d| d.tail).map_or(0, |t| t.count);
+        let tail = self
+            .disk
+            .as_ref()
+            .and_then(|d| d.tail)
+            .map_or(0, |t| t.count);
         self.ready.len() as u64 + tail
     }
 

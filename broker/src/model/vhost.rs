@@ -435,7 +435,10 @@ impl VHost {
                 let queue_id = store.new_queue_id();
                 let record = QueueRecord::new(&self.name, &name, queue_id, &req.options);
                 store
-                    .put_definition(&records::queue_key(&self.name, &name), &encode_json(&record))
+                    .put_definition(
+                        &records::queue_key(&self.name, &name),
+                        &encode_json(&record),
+                    )
                     .map_err(storage_error)?;
                 Some(store.queue(queue_id))
             }
@@ -552,9 +555,8 @@ impl VHost {
             // After the queue's last writes: its definition goes in one write,
             // its messages follow in the background.
             let key = records::queue_key(&self.name, &queue.name);
-            let deleted = queue.with_writes_quiet(|| {
-                queue_store.store().delete_queue(&key, queue_store.id())
-            });
+            let deleted = queue
+                .with_writes_quiet(|| queue_store.store().delete_queue(&key, queue_store.id()));
             if let Err(error) = deleted {
                 tracing::error!(queue = %queue.name, %error, "could not delete a queue's definition");
             }

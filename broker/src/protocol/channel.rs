@@ -642,12 +642,20 @@ impl Channel {
                 let queue = vhost.queue(&name, conn)?;
                 let message_count = queue.purge();
                 let durable = queue.is_durable_store();
-                (p.nowait, durable, Q::PurgeOk(queue::PurgeOk { message_count }))
+                (
+                    p.nowait,
+                    durable,
+                    Q::PurgeOk(queue::PurgeOk { message_count }),
+                )
             }
             Q::Delete(d) => {
                 let name = self.queue_name(&d.queue)?;
                 let message_count = vhost.delete_queue(&name, conn, d.if_unused, d.if_empty)?;
-                (d.nowait, true, Q::DeleteOk(queue::DeleteOk { message_count }))
+                (
+                    d.nowait,
+                    true,
+                    Q::DeleteOk(queue::DeleteOk { message_count }),
+                )
             }
             other => return Err(server_only(AMQPClass::Queue(other))),
         };

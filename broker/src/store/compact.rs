@@ -17,6 +17,8 @@ use super::{open_sled, sled_error, StoreError};
 const MIN_FILE_BYTES: u64 = 64 * 1024 * 1024;
 /// Compact only when at most this many messages must be copied.
 const MAX_MESSAGES_TO_COPY: usize = 10_000;
+/// ... and at most this many bytes of them.
+const MAX_BYTES_TO_COPY: u64 = 32 * 1024 * 1024;
 
 fn paths(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
     (
@@ -44,6 +46,25 @@ pub fn finish_interrupted(dir: &Path) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// Whether `db` is large but holds little: at most [`MAX_MESSAGES_TO_COPY`]
+/// queue keys and [`MAX_BYTES_TO_COPY`] bytes of them.
+pub fn worth_it(db: &sled::Db, tree: &sled::Tree) -> bool {
+    if db.size_on_disk().unwrap_or(0) < MIN_FILE_BYTES {
+        return false;
+    }
+    let mut bytes = 0u64;
+    for (n, item) in tree.scan_prefix([super::keys::QUEUE]).enumerate() {
+        let Ok((key, value)) = item else {
+            return false;
+        };
+        bytes += (key.len() + value.len()) as u64;
+        if n >= MAX_MESSAGES_TO_COPY || bytes > MAX_BYTES_TO_COPY {
+            return false;
+        }
+    }
+    true
+}
+
 /// Returns the database to use: `db` itself, or a compacted copy of it.
 pub fn compact_if_mostly_empty(
     dir: &Path,
@@ -51,17 +72,8 @@ pub fn compact_if_mostly_empty(
     cache_bytes: u64,
 ) -> Result<sled::Db, StoreError> {
     let size = db.size_on_disk().map_err(|e| sled_error(dir, e))?;
-    if size < MIN_FILE_BYTES {
-        return Ok(db);
-    }
     let tree = db.open_tree("hare").map_err(|e| sled_error(dir, e))?;
-    if tree
-        .scan_prefix([super::keys::QUEUE])
-        .keys()
-        .take(MAX_MESSAGES_TO_COPY + 1)
-        .count()
-        > MAX_MESSAGES_TO_COPY
-    {
+    if !worth_it(&db, &tree) {
         return Ok(db);
     }
     drop(tree);

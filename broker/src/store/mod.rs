@@ -69,10 +69,25 @@ impl From<sled::Error> for StoreError {
     }
 }
 
-/// The open database; swapped out when the store reopens it after a failure.
+/// The open database; swapped out when the store reopens it after a failure
+/// or compacts it.
 struct Engine {
     db: sled::Db,
     tree: sled::Tree,
+}
+
+/// The tree, borrowed for one operation.
+struct TreeGuard<'a>(parking_lot::RwLockReadGuard<'a, Option<Engine>>);
+
+impl std::ops::Deref for TreeGuard<'_> {
+    type Target = sled::Tree;
+    fn deref(&self) -> &sled::Tree {
+        &self
+            .0
+            .as_ref()
+            .expect("checked when the guard was made")
+            .tree
+    }
 }
 
 pub struct Store {
@@ -168,10 +183,13 @@ impl Store {
         Ok(store)
     }
 
-    /// The tree, or the reason it cannot be used now.
-    fn tree(&self) -> Result<sled::Tree, StoreError> {
-        match self.engine.read().as_ref() {
-            Some(engine) if !self.failed.load(Ordering::Acquire) => Ok(engine.tree.clone()),
+    /// The tree, or the reason it cannot be used now. The guard keeps the
+    /// database from being swapped (reopened, compacted) while it is used,
+    /// so no write can land in a database that is being replaced.
+    fn tree(&self) -> Result<TreeGuard<'_>, StoreError> {
+        let engine = self.engine.read_recursive();
+        match engine.as_ref() {
+            Some(_) if !self.failed.load(Ordering::Acquire) => Ok(TreeGuard(engine)),
             _ => Err(self.failed_error()),
         }
     }
@@ -290,7 +308,8 @@ impl Store {
     pub fn forget_queues_except(&self, live: &HashSet<u64>) -> Result<(), StoreError> {
         let tree = self.tree()?;
         let max_live = live.iter().copied().max().unwrap_or(0);
-        self.next_queue_id.fetch_max(max_live + 1, Ordering::Relaxed);
+        self.next_queue_id
+            .fetch_max(max_live + 1, Ordering::Relaxed);
         let mut from = keys::queue_prefix(0).to_vec();
         while let Some(item) = tree.range(from.as_slice()..).keys().next() {
             let key = item?;
@@ -383,11 +402,11 @@ impl Store {
         if self.is_failed() && !self.try_reopen() {
             return false;
         }
-        let db = match self.engine.read().as_ref() {
-            Some(engine) => engine.db.clone(),
-            None => return false,
+        let engine = self.engine.read_recursive();
+        let Some(engine) = engine.as_ref() else {
+            return false;
         };
-        match db.flush() {
+        match engine.db.flush() {
             Ok(_) => true,
             Err(error) => {
                 self.fail(&error);
@@ -455,19 +474,46 @@ impl Store {
         }
     }
 
-    /// At start-up, once garbage is gone: replaces a database that is large
-    /// but nearly empty with a compact copy (see [`compact`]).
+    /// Replaces a database that is large but nearly empty with a compact
+    /// copy (see [`compact`]): at start-up, and while running whenever the
+    /// background removals are idle. Store operations wait meanwhile, which
+    /// is brief exactly because there is little left to copy.
     pub fn compact_if_mostly_empty(&self) -> Result<(), StoreError> {
+        if self.is_closed() || self.is_failed() {
+            return Ok(());
+        }
+        {
+            let engine = self.engine.read_recursive();
+            let Some(engine) = engine.as_ref() else {
+                return Ok(());
+            };
+            if !compact::worth_it(&engine.db, &engine.tree) {
+                return Ok(());
+            }
+        }
         let mut engine = self.engine.write();
         let Some(current) = engine.take() else {
             return Ok(());
         };
         let Engine { db, tree } = current;
         drop(tree);
-        let db = compact::compact_if_mostly_empty(&self.dir, db, self.cache_bytes)?;
-        let tree = db.open_tree("hare").map_err(|e| sled_error(&self.dir, e))?;
-        *engine = Some(Engine { db, tree });
-        Ok(())
+        let compacted =
+            compact::compact_if_mostly_empty(&self.dir, db, self.cache_bytes).and_then(|db| {
+                let tree = db.open_tree("hare").map_err(|e| sled_error(&self.dir, e))?;
+                Ok(Engine { db, tree })
+            });
+        match compacted {
+            Ok(compacted) => {
+                *engine = Some(compacted);
+                Ok(())
+            }
+            Err(error) => {
+                // Left without a database: the reopen path takes over.
+                drop(engine);
+                self.fail(&error);
+                Err(error)
+            }
+        }
     }
 }
 

@@ -116,7 +116,12 @@ impl QueueStore {
     }
 
     /// Writes the message at `position`; `record` is its parts, concatenated.
-    pub fn push(&self, position: u64, meta: &EntryMeta, record: &[&[u8]]) -> Result<(), StoreError> {
+    pub fn push(
+        &self,
+        position: u64,
+        meta: &EntryMeta,
+        record: &[&[u8]],
+    ) -> Result<(), StoreError> {
         let len = EntryMeta::LEN + record.iter().map(|p| p.len()).sum::<usize>();
         let mut value = Vec::with_capacity(len);
         meta.encode(&mut value);
@@ -129,7 +134,8 @@ impl QueueStore {
 
     /// The message at `position` is gone: acknowledged, expired, dropped.
     pub fn remove(&self, position: u64) -> Result<(), StoreError> {
-        self.store.remove(&keys::queue_key(self.id, ENTRY, position))
+        self.store
+            .remove(&keys::queue_key(self.id, ENTRY, position))
     }
 
     /// Where the paged-out tail starts (`None`: the queue holds everything in memory).
@@ -233,7 +239,8 @@ impl QueueStore {
             recovered.head.push(e);
         }
         if let Some(start) = tail_start {
-            let range = keys::queue_key(self.id, ENTRY, start)..keys::queue_key(self.id, ENTRY, u64::MAX);
+            let range =
+                keys::queue_key(self.id, ENTRY, start)..keys::queue_key(self.id, ENTRY, u64::MAX);
             let first = tree.range(range.clone()).next().transpose()?;
             let last = tree.range(range).next_back().transpose()?;
             if let (Some((fk, fv)), Some((lk, lv))) = (first, last) {

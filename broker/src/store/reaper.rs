@@ -19,6 +19,8 @@ use super::Store;
 const CHUNK: usize = 2048;
 /// Pause between batches, so a big removal never hogs the disk or a core.
 const PAUSE: Duration = Duration::from_millis(2);
+/// How often an idle reaper looks whether the database is worth compacting.
+const IDLE_CHECK: Duration = Duration::from_secs(5);
 
 #[derive(Clone, Copy, Debug)]
 enum Job {
@@ -84,7 +86,12 @@ impl Reaper {
         let deadline = std::time::Instant::now() + limit;
         let mut state = self.shared.state.lock();
         while !state.jobs.is_empty() || state.busy {
-            if self.shared.idle.wait_until(&mut state, deadline).timed_out() {
+            if self
+                .shared
+                .idle
+                .wait_until(&mut state, deadline)
+                .timed_out()
+            {
                 return state.jobs.is_empty() && !state.busy;
             }
         }
@@ -112,10 +119,21 @@ fn run(store: &Weak<Store>, shared: &Shared) {
                 }
                 if let Some(job) = state.jobs.pop_front() {
                     state.busy = true;
-                    break job;
+                    break Some(job);
                 }
-                shared.wake.wait(&mut state);
+                if shared.wake.wait_for(&mut state, IDLE_CHECK).timed_out() {
+                    break None;
+                }
             }
+        };
+        let Some(job) = job else {
+            // Idle: give disk space back if the database is mostly garbage-free air.
+            if let Some(store) = store.upgrade() {
+                if let Err(error) = store.compact_if_mostly_empty() {
+                    tracing::error!(%error, "compacting the data dir failed");
+                }
+            }
+            continue;
         };
         let Some(store) = store.upgrade() else {
             return;
@@ -133,7 +151,10 @@ fn stopping(shared: &Shared) -> bool {
 
 fn reap(store: &Store, job: Job, shared: &Shared) -> Result<(), super::StoreError> {
     let (from, to) = match job {
-        Job::Queue(q) => (keys::queue_key(q, 0, 0), keys::queue_key(q, u8::MAX, u64::MAX)),
+        Job::Queue(q) => (
+            keys::queue_key(q, 0, 0),
+            keys::queue_key(q, u8::MAX, u64::MAX),
+        ),
         Job::Range { queue, start, end } => (
             keys::queue_key(queue, ENTRY, start),
             keys::queue_key(queue, ENTRY, end),
@@ -143,8 +164,8 @@ fn reap(store: &Store, job: Job, shared: &Shared) -> Result<(), super::StoreErro
         if stopping(shared) || store.is_closed() {
             return Ok(());
         }
-        let tree = store.tree()?;
-        let chunk: Vec<sled::IVec> = tree
+        let chunk: Vec<sled::IVec> = store
+            .tree()?
             .range(from.as_slice()..to.as_slice())
             .keys()
             .take(CHUNK)
