@@ -9,8 +9,10 @@
 //!   the batched outbox, content assembly, the connection and channel state machines,
 //!   and AMQP exceptions with RabbitMQ's reply codes.
 //! - [`model`]     — vhosts, exchanges and their routing tables, queues with their
-//!   ready/unacked messages and consumers. Pure logic: no sockets, no disk.
-//! - [`store`]     — the boundary to durable storage (sled arrives with durability).
+//!   ready/unacked messages and consumers, and what each durable queue writes.
+//!   Decides; no sockets, and no disk I/O under a queue's lock.
+//! - [`store`]     — sled beneath the model: keys, bytes, group commit, background
+//!   removal; it imports nothing from the model or the protocol.
 //! - [`alarms`]    — memory and disk alarms that block publishers (back pressure).
 //!
 //! `model` decides, `protocol` speaks, `store` remembers.

@@ -686,7 +686,11 @@ impl Queue {
         }
         let boot = disk.boot_position;
         let mut stale = Vec::new();
+        let mut marked = Vec::new();
         for e in entries {
+            if e.meta.transient {
+                marked.push(e.position);
+            }
             // Transient messages written before a restart did not survive it.
             let decoded = (!(e.meta.transient && e.position < boot))
                 .then(|| records::decode_message(e.record))
@@ -707,6 +711,9 @@ impl Queue {
             });
         }
         if let Some(disk) = st.disk.as_mut() {
+            for position in marked {
+                disk.unmark(position);
+            }
             for position in stale {
                 disk.remove(position);
             }

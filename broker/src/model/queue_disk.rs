@@ -56,6 +56,8 @@ pub enum DiskOp {
         message: Arc<Message>,
     },
     Remove(u64),
+    /// A transient message of the tail is in memory now.
+    Unmark(u64),
     Delivered {
         level: u8,
         position: u64,
@@ -83,6 +85,7 @@ impl DiskOp {
                 )
             }
             DiskOp::Remove(position) => store.remove(*position),
+            DiskOp::Unmark(position) => store.unmark_transient(*position),
             DiskOp::Delivered { level, position } => store.set_delivered(*level, *position),
             DiskOp::TailStart(start) => store.set_tail_start(*start),
             DiskOp::Purge { positions, dead } => store.purge(positions, *dead),
@@ -209,6 +212,11 @@ impl QueueDisk {
 
     pub fn remove(&mut self, position: u64) {
         self.ops.push(DiskOp::Remove(position));
+    }
+
+    /// A transient message read back from the tail no longer needs its mark.
+    pub fn unmark(&mut self, position: u64) {
+        self.ops.push(DiskOp::Unmark(position));
     }
 
     /// Takes back a removal decided just now (a no-ack delivery its channel refused).

@@ -9,6 +9,7 @@
 //! | `q` + queue id + `0` + position | a queued message: [`super::queue::EntryMeta`] and its record |
 //! | `q` + queue id + `1` + slot | a queue's bookkeeping (tail start, delivered watermarks) |
 //! | `q` + queue id + `2` + first position | a dead range of a purge: value is its end |
+//! | `q` + queue id + `3` + position | a transient message in the tail: value is its size |
 //! | `l` + due ms + id | a message a delayed exchange holds |
 //!
 //! Integers are big-endian so key order is numeric order: a queue's entries
@@ -23,6 +24,7 @@ pub const DELAYED: u8 = b'l';
 pub const ENTRY: u8 = 0;
 pub const META: u8 = 1;
 pub const DEAD: u8 = 2;
+pub const TRANSIENT: u8 = 3;
 
 /// Length of `q` + id.
 pub const QUEUE_PREFIX_LEN: usize = 9;

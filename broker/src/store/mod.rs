@@ -20,7 +20,7 @@ mod keys;
 pub mod queue;
 mod reaper;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
@@ -104,6 +104,8 @@ pub struct Store {
     /// A write or flush failed; what failed and when the last reopen was tried.
     failure: Mutex<Option<(String, Instant)>>,
     failed: AtomicBool,
+    /// Values written just before the next flush (latest per key).
+    before_flush: Mutex<HashMap<[u8; keys::QUEUE_KEY_LEN], u64>>,
 }
 
 fn open_sled(path: &Path, cache_bytes: u64) -> sled::Result<sled::Db> {
@@ -177,6 +179,7 @@ impl Store {
                 closing: AtomicBool::new(false),
                 failure: Mutex::new(None),
                 failed: AtomicBool::new(false),
+                before_flush: Mutex::new(HashMap::new()),
             }
         });
         store.reaper.start(Arc::downgrade(&store));
@@ -236,6 +239,14 @@ impl Store {
 
     fn apply(&self, batch: sled::Batch) -> Result<(), StoreError> {
         self.write(|t| t.apply_batch(batch))
+    }
+
+    /// Sets `key` to `value` with the next flush (a later value for the same
+    /// key replaces this one): for bookkeeping that only needs to be as
+    /// fresh as the last flush.
+    fn write_before_flush(&self, key: [u8; keys::QUEUE_KEY_LEN], value: u64) {
+        self.before_flush.lock().insert(key, value);
+        self.flusher.mark_dirty();
     }
 
     /// For garbage removal: an error is not the store's failure, only a retry later.
@@ -406,6 +417,17 @@ impl Store {
         let Some(engine) = engine.as_ref() else {
             return false;
         };
+        let deferred = std::mem::take(&mut *self.before_flush.lock());
+        if !deferred.is_empty() {
+            let mut batch = sled::Batch::default();
+            for (key, value) in deferred {
+                batch.insert(&key, &value.to_be_bytes());
+            }
+            if let Err(error) = engine.tree.apply_batch(batch) {
+                self.fail(&error);
+                return false;
+            }
+        }
         match engine.db.flush() {
             Ok(_) => true,
             Err(error) => {
@@ -468,10 +490,8 @@ impl Store {
         self.reaper.wait_idle_for(Duration::from_secs(3));
         self.reaper.stop();
         self.flusher.stop();
+        self.flush_now();
         self.closing.store(true, Ordering::Release);
-        if let Some(engine) = self.engine.read().as_ref() {
-            let _ = engine.db.flush();
-        }
     }
 
     /// Replaces a database that is large but nearly empty with a compact

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use super::keys::{self, DEAD, ENTRY, META};
+use super::keys::{self, DEAD, ENTRY, META, TRANSIENT};
 use super::{Store, StoreError};
 
 /// What the queue keeps with a message on disk besides its record.
@@ -128,8 +128,25 @@ impl QueueStore {
         for part in record {
             value.extend_from_slice(part);
         }
+        let key = keys::queue_key(self.id, ENTRY, position);
+        if !meta.transient {
+            return self.store.insert(&key, value);
+        }
+        // A transient message in the tail is marked apart, in the same
+        // write: a restart drops it and must not count it.
+        let mut batch = sled::Batch::default();
+        batch.insert(&key, value);
+        batch.insert(
+            &keys::queue_key(self.id, TRANSIENT, position),
+            &u64::from(meta.size).to_be_bytes(),
+        );
+        self.store.apply(batch)
+    }
+
+    /// A transient message of the tail was read back into memory: its mark goes.
+    pub fn unmark_transient(&self, position: u64) -> Result<(), StoreError> {
         self.store
-            .insert(&keys::queue_key(self.id, ENTRY, position), value)
+            .remove(&keys::queue_key(self.id, TRANSIENT, position))
     }
 
     /// The message at `position` is gone: acknowledged, expired, dropped.
@@ -148,10 +165,13 @@ impl QueueStore {
     }
 
     /// Everything up to `position` at priority `level` has been delivered,
-    /// so a restart marks what is left of it redelivered.
+    /// so a restart marks what is left of it redelivered. Written with the
+    /// next flush, not now: only the latest value matters, and a busy
+    /// consumer moves it thousands of times between two flushes.
     pub fn set_delivered(&self, level: u8, position: u64) -> Result<(), StoreError> {
         let key = keys::queue_key(self.id, META, delivered_slot(level));
-        self.store.insert(&key, position.to_be_bytes().to_vec())
+        self.store.write_before_flush(key, position);
+        Ok(())
     }
 
     /// Up to `limit` messages at positions `from..to`, in order.
@@ -247,11 +267,23 @@ impl QueueStore {
                 let (first, last) = (entry(&fk, fv)?, entry(&lk, lv)?);
                 next = next.max(last.position + 1);
                 recovered.cum_bytes = recovered.cum_bytes.max(last.meta.cum_bytes);
-                recovered.tail = Some(Tail {
+                let mut tail = Tail {
                     start: first.position,
                     count: last.position - first.position + 1,
                     bytes: last.meta.cum_bytes - first.meta.cum_bytes + u64::from(first.meta.size),
-                });
+                };
+                // Transient messages in the tail did not survive the restart.
+                let marks = keys::queue_key(self.id, TRANSIENT, first.position)
+                    ..keys::queue_key(self.id, TRANSIENT, u64::MAX);
+                for item in tree.range(marks) {
+                    let (_, size) = item?;
+                    let size = (size.len() == 8)
+                        .then(|| keys::u64_at(&size, 0))
+                        .ok_or_else(malformed)?;
+                    tail.count = tail.count.saturating_sub(1);
+                    tail.bytes = tail.bytes.saturating_sub(size);
+                }
+                recovered.tail = (tail.count > 0).then_some(tail);
             }
         }
         recovered.next_position = next;

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use parking_lot::{Condvar, Mutex};
 
-use super::keys::{self, DEAD, ENTRY};
+use super::keys::{self, DEAD, ENTRY, TRANSIENT};
 use super::Store;
 
 /// Keys removed per batch.
@@ -150,16 +150,40 @@ fn stopping(shared: &Shared) -> bool {
 }
 
 fn reap(store: &Store, job: Job, shared: &Shared) -> Result<(), super::StoreError> {
-    let (from, to) = match job {
-        Job::Queue(q) => (
-            keys::queue_key(q, 0, 0),
-            keys::queue_key(q, u8::MAX, u64::MAX),
-        ),
-        Job::Range { queue, start, end } => (
-            keys::queue_key(queue, ENTRY, start),
-            keys::queue_key(queue, ENTRY, end),
-        ),
-    };
+    match job {
+        Job::Range { queue, start, end } => {
+            // The marks of transient messages in the range go first.
+            let marks = (
+                keys::queue_key(queue, TRANSIENT, start),
+                keys::queue_key(queue, TRANSIENT, end),
+            );
+            remove_all(store, marks, None, shared)?;
+            let entries = (
+                keys::queue_key(queue, ENTRY, start),
+                keys::queue_key(queue, ENTRY, end),
+            );
+            let marker = keys::queue_key(queue, DEAD, start);
+            remove_all(store, entries, Some(marker), shared)
+        }
+        Job::Queue(q) => {
+            let all = (
+                keys::queue_key(q, 0, 0),
+                keys::queue_key(q, u8::MAX, u64::MAX),
+            );
+            remove_all(store, all, None, shared)
+        }
+    }
+}
+
+type Key = [u8; keys::QUEUE_KEY_LEN];
+
+/// Removes every key in `from..to` in bounded batches, and `last` with the final one.
+fn remove_all(
+    store: &Store,
+    (from, to): (Key, Key),
+    last: Option<Key>,
+    shared: &Shared,
+) -> Result<(), super::StoreError> {
     loop {
         if stopping(shared) || store.is_closed() {
             return Ok(());
@@ -175,8 +199,8 @@ fn reap(store: &Store, job: Job, shared: &Shared) -> Result<(), super::StoreErro
         for key in chunk {
             batch.remove(key);
         }
-        if let (true, Job::Range { queue, start, .. }) = (last_chunk, job) {
-            batch.remove(&keys::queue_key(queue, DEAD, start));
+        if let (true, Some(key)) = (last_chunk, last) {
+            batch.remove(&key);
         }
         store.apply_quietly(batch)?;
         if last_chunk {
