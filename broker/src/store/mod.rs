@@ -471,11 +471,6 @@ impl Store {
         }
     }
 
-    /// Flushes now and waits.
-    pub fn flush_blocking(&self) -> bool {
-        self.flush_now()
-    }
-
     /// After [`close`](Self::close) nothing changes on disk any more: what is
     /// still running while the broker stops (connections being dropped,
     /// queues being freed) must not edit the state it is leaving behind.
