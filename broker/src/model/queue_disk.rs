@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use super::message::Message;
 use super::records;
-use crate::store::{EntryMeta, QueueStore, RecoveredQueue, StoreError};
+use crate::store::{EntryMeta, QueueStore, RecoveredQueue, StoreError, Tail};
 
 /// Ready messages a paging queue keeps in memory before the rest wait on disk.
 pub const IN_MEMORY_READY: usize = 1024;
@@ -25,21 +25,6 @@ pub const IN_MEMORY_READY: usize = 1024;
 pub const REFILL_BELOW: usize = IN_MEMORY_READY / 2;
 /// Messages read back per chunk.
 pub const REFILL_CHUNK: usize = IN_MEMORY_READY / 2;
-
-/// Ready messages that are on disk only: every position in
-/// `start..start + count`, with `bytes` of body.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Tail {
-    pub start: u64,
-    pub count: u64,
-    pub bytes: u64,
-}
-
-impl Tail {
-    pub fn end(&self) -> u64 {
-        self.start + self.count
-    }
-}
 
 /// A chunk of the tail to read back: positions `start..end`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -77,11 +62,11 @@ impl DiskOp {
                 meta,
                 message,
             } => {
-                let prefix = records::message_prefix(message);
+                let prefix = records::MessagePrefix::of(message);
                 store.push(
                     *position,
                     meta,
-                    &[&prefix, &message.raw_header, &message.body],
+                    &[prefix.as_slice(), &message.raw_header, &message.body],
                 )
             }
             DiskOp::Remove(position) => store.remove(*position),
@@ -138,11 +123,7 @@ impl QueueDisk {
                 *slot = Some(position);
             }
         }
-        disk.tail = r.tail.map(|t| Tail {
-            start: t.start,
-            count: t.count,
-            bytes: t.bytes,
-        });
+        disk.tail = r.tail;
         disk
     }
 

@@ -142,25 +142,44 @@ pub fn decode_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
 /// The part of a message record before its content header and body:
 /// `[exchange len u8][exchange][routing key len u8][routing key][header len u32]`.
 /// The record is this, the header, then the body, so the store can write
-/// them in one go without the model copying the body first.
-pub fn message_prefix(m: &Message) -> Vec<u8> {
-    let (ex, rk) = (
-        m.exchange.as_str().as_bytes(),
-        m.routing_key.as_str().as_bytes(),
-    );
-    let mut out = Vec::with_capacity(6 + ex.len() + rk.len());
-    out.push(ex.len() as u8);
-    out.extend_from_slice(ex);
-    out.push(rk.len() as u8);
-    out.extend_from_slice(rk);
-    out.extend_from_slice(&(m.raw_header.len() as u32).to_be_bytes());
-    out
+/// them in one go without the model copying the body first. Short strings
+/// bound it, so it lives on the stack: no allocation per persistent message.
+pub struct MessagePrefix {
+    buf: [u8; 2 + 2 * 255 + 4],
+    len: usize,
+}
+
+impl MessagePrefix {
+    pub fn of(m: &Message) -> Self {
+        let mut prefix = MessagePrefix {
+            buf: [0; 2 + 2 * 255 + 4],
+            len: 0,
+        };
+        let header_len = (m.raw_header.len() as u32).to_be_bytes();
+        for short in [m.exchange.as_str(), m.routing_key.as_str()] {
+            let bytes = &short.as_bytes()[..short.len().min(255)];
+            prefix.push(&[bytes.len() as u8]);
+            prefix.push(bytes);
+        }
+        prefix.push(&header_len);
+        prefix
+    }
+
+    fn push(&mut self, bytes: &[u8]) {
+        self.buf[self.len..self.len + bytes.len()].copy_from_slice(bytes);
+        self.len += bytes.len();
+    }
+
+    pub fn as_slice(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
 }
 
 /// The whole record of a message, as one buffer.
 pub fn encode_message(m: &Message) -> Vec<u8> {
-    let mut out = message_prefix(m);
-    out.reserve(m.raw_header.len() + m.body.len());
+    let prefix = MessagePrefix::of(m);
+    let mut out = Vec::with_capacity(prefix.len + m.raw_header.len() + m.body.len());
+    out.extend_from_slice(prefix.as_slice());
     out.extend_from_slice(&m.raw_header);
     out.extend_from_slice(&m.body);
     out

@@ -67,12 +67,18 @@ pub struct StoredEntry {
 }
 
 /// A run of ready messages that lives only on disk: every position in
-/// `start..start + count` holds one.
+/// `start..start + count` holds one, with `bytes` of body.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Tail {
     pub start: u64,
     pub count: u64,
     pub bytes: u64,
+}
+
+impl Tail {
+    pub fn end(&self) -> u64 {
+        self.start + self.count
+    }
 }
 
 /// A queue as a restart finds it.
