@@ -29,7 +29,7 @@ use super::exchange::{Exchange, ExchangeKind};
 use super::message::Message;
 use super::publish::Published;
 use super::records;
-use super::timers::{now_ms, Timed, Timers};
+use super::timers::{deadline_after, Timed, Timers};
 use super::vhost::VHost;
 use crate::error::{AmqpError, AmqpResult};
 use crate::store::StoreError;
@@ -148,7 +148,7 @@ impl Delayed {
         message: Arc<Message>,
         delay_ms: u64,
     ) -> Published {
-        let due = now_ms().saturating_add(delay_ms);
+        let due = deadline_after(delay_ms);
         let disk = match vhost.store() {
             Some(store) if exchange.options.durable && message.is_persistent() => {
                 let record = records::encode_delayed(&vhost.name, &exchange.name, &message);
@@ -277,6 +277,7 @@ impl Timed for Delayed {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::timers::now_ms;
     use amq_protocol::protocol::BasicProperties;
     use amq_protocol::types::AMQPValue;
 

@@ -32,6 +32,16 @@ pub fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// `now_ms() + delay_ms`, rounded up to the next whole millisecond, so a
+/// deadline fires no earlier than `delay_ms` after this call: `now_ms`
+/// truncates, and a deadline set from it could fire up to 1 ms early.
+pub fn deadline_after(delay_ms: u64) -> u64 {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos().div_ceil(1_000_000) as u64);
+    now.saturating_add(delay_ms)
+}
+
 struct Entry {
     at: u64,
     seq: u64,
