@@ -6,14 +6,14 @@
 //! |---|---|
 //! | `format` | the data dir's format |
 //! | `d` + definition key | a definition (the model's own encoding) |
-//! | `q` + queue id + `0` + position | a queued message: [`super::queue::EntryMeta`] and its record |
 //! | `q` + queue id + `1` + slot | a queue's bookkeeping (tail start, delivered watermarks) |
 //! | `q` + queue id + `2` + first position | a dead range of a purge: value is its end |
 //! | `q` + queue id + `3` + position | a transient message in the tail: value is its size |
+//! | `q` + queue id + `4` + position | a message a purge dropped (empty value) |
 //! | `l` + due ms + id | a message a delayed exchange holds |
 //!
-//! Integers are big-endian so key order is numeric order: a queue's entries
-//! sort by position, which is its queue order.
+//! The messages themselves live in segment files ([`super::segments`]).
+//! Integers are big-endian so key order is numeric order.
 
 pub const FORMAT: &[u8] = b"format";
 pub const DEFINITION: u8 = b'd';
@@ -21,10 +21,10 @@ pub const QUEUE: u8 = b'q';
 pub const DELAYED: u8 = b'l';
 
 /// The kinds of key under one queue's prefix.
-pub const ENTRY: u8 = 0;
 pub const META: u8 = 1;
 pub const DEAD: u8 = 2;
 pub const TRANSIENT: u8 = 3;
+pub const PURGED: u8 = 4;
 
 /// Length of `q` + id.
 pub const QUEUE_PREFIX_LEN: usize = 9;

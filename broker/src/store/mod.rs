@@ -1,14 +1,15 @@
-//! Durable state in sled: the only module that touches disk. It knows keys,
-//! values and flushes, nothing of exchanges, messages or frames; the model
+//! Durable state: the only module that touches disk. It knows keys, values,
+//! files and flushes, nothing of exchanges, messages or frames; the model
 //! encodes its records and hands them over as bytes.
 //!
-//! Everything lives in one sled tree (see [`keys`]): definitions, each
-//! durable queue's messages ([`queue::QueueStore`]) and the messages delayed
-//! exchanges hold. Writes go into sled as they happen; durability comes from
-//! [`flusher`], which fsyncs once for everything written since the last
-//! flush (group commit) and then releases the replies that waited for it.
-//! Garbage (deleted queues, purged runs) is removed by [`reaper`] in the
-//! background.
+//! Definitions, each durable queue's bookkeeping and the messages delayed
+//! exchanges hold live in one sled tree (see [`keys`]); each durable queue's
+//! messages live in its own log of segment files ([`segments`], under
+//! `queues/<id>/`). Durability comes from [`flusher`], which for everything
+//! written since the last flush writes and fsyncs the logs, then flushes
+//! sled (group commit), and then releases the replies that waited for it.
+//! Garbage (deleted queues, drained segments) is removed after the flush
+//! that made it garbage, or by [`reaper`] in the background.
 //!
 //! A write error (a full disk) puts the store in a failed state: writes are
 //! refused with an error, and the flusher reopens the database once it can,
@@ -19,6 +20,7 @@ pub mod flusher;
 mod keys;
 pub mod queue;
 mod reaper;
+mod segments;
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -31,9 +33,12 @@ use parking_lot::{Mutex, RwLock};
 
 pub use flusher::{FlushSignal, FlushWaiter, Flusher};
 pub use queue::{EntryMeta, QueueStore, RecoveredQueue, StoredEntry, Tail};
+use segments::QueueLog;
 
 /// Written once into a new data dir; a data dir with another value is refused.
-const FORMAT: &[u8] = b"hare-store-2";
+const FORMAT: &[u8] = b"hare-store-3";
+/// Where the queues' segment logs live, one directory per queue id.
+const QUEUES_DIR: &str = "queues";
 /// File in the data dir that records the format outside the database.
 const MARKER_FILE: &str = "FORMAT";
 /// After a write error, how often the database is reopened to see whether
@@ -106,6 +111,10 @@ pub struct Store {
     failed: AtomicBool,
     /// Values written just before the next flush (latest per key).
     before_flush: Mutex<HashMap<[u8; keys::QUEUE_KEY_LEN], u64>>,
+    /// Every durable queue's log, by queue id.
+    logs: Mutex<HashMap<u64, Arc<QueueLog>>>,
+    /// Logs written to since the last flush.
+    dirty_logs: Mutex<Vec<Arc<QueueLog>>>,
 }
 
 fn open_sled(path: &Path, cache_bytes: u64) -> sled::Result<sled::Db> {
@@ -159,10 +168,18 @@ impl Store {
         }
         // Queue ids are never reused, so data of a queue a crash orphaned can
         // never be mistaken for a new queue's.
-        let next_queue_id = match engine.tree.scan_prefix([keys::QUEUE]).keys().next_back() {
+        let in_db = match engine.tree.scan_prefix([keys::QUEUE]).keys().next_back() {
             Some(key) => keys::u64_at(&key.map_err(|e| sled_error(dir, e))?, 1) + 1,
             None => 1,
         };
+        let queues = dir.join(QUEUES_DIR);
+        std::fs::create_dir_all(&queues)
+            .map_err(|e| StoreError::Io(format!("{}: {e}", queues.display())))?;
+        let on_disk = queue_dirs(&queues)?
+            .into_iter()
+            .max()
+            .map_or(1, |id| id + 1);
+        let next_queue_id = in_db.max(on_disk);
         let store = Arc::new_cyclic(|me: &Weak<Store>| {
             let flush_me = me.clone();
             Store {
@@ -180,6 +197,8 @@ impl Store {
                 failure: Mutex::new(None),
                 failed: AtomicBool::new(false),
                 before_flush: Mutex::new(HashMap::new()),
+                logs: Mutex::new(HashMap::new()),
+                dirty_logs: Mutex::new(Vec::new()),
             }
         });
         store.reaper.start(Arc::downgrade(&store));
@@ -302,15 +321,47 @@ impl Store {
 
     /// The storage of queue `id`.
     pub fn queue(self: &Arc<Self>, id: u64) -> QueueStore {
-        QueueStore::new(self.clone(), id)
+        let log = self
+            .logs
+            .lock()
+            .entry(id)
+            .or_insert_with(|| Arc::new(QueueLog::new(self.queue_dir(id))))
+            .clone();
+        QueueStore::new(self.clone(), id, log)
+    }
+
+    fn queue_dir(&self, id: u64) -> PathBuf {
+        self.dir.join(QUEUES_DIR).join(id.to_string())
+    }
+
+    /// `log` has something for the next flush.
+    fn log_dirty(&self, log: &Arc<QueueLog>) {
+        if !log.dirty.swap(true, Ordering::AcqRel) {
+            self.dirty_logs.lock().push(log.clone());
+        }
+        self.flusher.mark_dirty();
     }
 
     /// A queue's definition goes (one atomic write); its messages follow in
     /// the background.
     pub fn delete_queue(&self, definition_key: &[u8], id: u64) -> Result<(), StoreError> {
         self.remove_definition(definition_key)?;
+        if let Some(log) = self.logs.lock().remove(&id) {
+            log.mark_deleted();
+        }
         self.reaper.clear_queue(id);
         Ok(())
+    }
+
+    /// Deletes a deleted queue's segment files.
+    fn remove_queue_files(&self, id: u64) -> Result<(), StoreError> {
+        let dir = self.queue_dir(id);
+        match std::fs::remove_dir_all(&dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(StoreError::Io(format!("{}: {e}", dir.display())))
+            }
+            _ => Ok(()),
+        }
     }
 
     /// At start-up: the data of every queue id not in `live` is left over
@@ -321,6 +372,11 @@ impl Store {
         let max_live = live.iter().copied().max().unwrap_or(0);
         self.next_queue_id
             .fetch_max(max_live + 1, Ordering::Relaxed);
+        for id in queue_dirs(&self.dir.join(QUEUES_DIR))? {
+            if !live.contains(&id) {
+                self.reaper.clear_queue(id);
+            }
+        }
         let mut from = keys::queue_prefix(0).to_vec();
         while let Some(item) = tree.range(from.as_slice()..).keys().next() {
             let key = item?;
@@ -331,7 +387,7 @@ impl Store {
             if !live.contains(&id) {
                 self.reaper.clear_queue(id);
             } else {
-                // Purges a crash interrupted are finished too.
+                // The transient marks of purges a crash interrupted go too.
                 for item in tree.scan_prefix(keys::queue_kind_prefix(id, keys::DEAD)) {
                     let (key, end) = item?;
                     if let (Some((_, _, start)), 8) = (keys::parse_queue_key(&key), end.len()) {
@@ -413,6 +469,19 @@ impl Store {
         if self.is_failed() && !self.try_reopen() {
             return false;
         }
+        // The logs first: sled's bookkeeping may point into them.
+        let logs = std::mem::take(&mut *self.dirty_logs.lock());
+        let mut drained = Vec::with_capacity(logs.len());
+        for log in logs {
+            log.dirty.store(false, Ordering::Release);
+            match log.sync() {
+                Ok(doomed) => drained.push((log, doomed)),
+                Err(error) => {
+                    self.fail(&error);
+                    return false;
+                }
+            }
+        }
         let engine = self.engine.read_recursive();
         let Some(engine) = engine.as_ref() else {
             return false;
@@ -429,7 +498,13 @@ impl Store {
             }
         }
         match engine.db.flush() {
-            Ok(_) => true,
+            Ok(_) => {
+                // What made these segments garbage is on disk now.
+                for (log, doomed) in drained {
+                    log.unlink(&doomed);
+                }
+                true
+            }
             Err(error) => {
                 self.fail(&error);
                 false
@@ -576,4 +651,17 @@ fn check_format(dir: &Path, engine: &Engine) -> Result<(), StoreError> {
             Ok(())
         }
     }
+}
+
+/// The queue ids that have a directory of segment files.
+fn queue_dirs(queues: &Path) -> Result<Vec<u64>, StoreError> {
+    let io = |e: std::io::Error| StoreError::Io(format!("{}: {e}", queues.display()));
+    let mut ids = Vec::new();
+    for entry in std::fs::read_dir(queues).map_err(io)? {
+        let name = entry.map_err(io)?.file_name();
+        if let Some(id) = name.to_str().and_then(|n| n.parse::<u64>().ok()) {
+            ids.push(id);
+        }
+    }
+    Ok(ids)
 }

@@ -1,18 +1,20 @@
-//! One durable queue's storage: its messages by position, in queue order,
-//! plus the little bookkeeping a restart needs to rebuild the queue without
-//! reading every message (where the paged-out tail starts, how far
-//! deliveries got).
+//! One durable queue's storage: its messages in a log of segment files
+//! ([`super::segments`]), plus, in sled, the little bookkeeping a restart
+//! needs to rebuild the queue without reading every message (where the
+//! paged-out tail starts, how far deliveries got, what a purge dropped).
 //!
-//! The queue decides; this only writes and reads. Each message is one key
-//! whose value holds everything the queue needs (its size, expiry, priority)
-//! and the message record itself, so an enqueue is one insert and an ack
-//! one remove, and no body can outlive the entry that owns it.
+//! The queue decides; this only writes and reads. An enqueue is an append to
+//! a buffer and an ack a note in another; both reach the disk with the next
+//! group commit.
 
 use std::sync::Arc;
 
 use bytes::Bytes;
 
-use super::keys::{self, DEAD, ENTRY, META, TRANSIENT};
+use std::collections::HashSet;
+
+use super::keys::{self, DEAD, META, PURGED, TRANSIENT};
+use super::segments::{QueueLog, Removed};
 use super::{Store, StoreError};
 
 /// What the queue keeps with a message on disk besides its record.
@@ -36,7 +38,7 @@ impl EntryMeta {
     pub const LEN: usize = 22;
 
     /// `[flags u8][expires_at u64][priority u8][size u32][cum_bytes u64]`
-    fn encode(&self, out: &mut Vec<u8>) {
+    pub(super) fn encode(&self, out: &mut Vec<u8>) {
         out.push(u8::from(self.transient));
         out.extend_from_slice(&self.expires_at.to_be_bytes());
         out.push(self.priority);
@@ -44,7 +46,7 @@ impl EntryMeta {
         out.extend_from_slice(&self.cum_bytes.to_be_bytes());
     }
 
-    fn decode(value: &[u8]) -> Option<EntryMeta> {
+    pub(super) fn decode(value: &[u8]) -> Option<EntryMeta> {
         if value.len() < Self::LEN {
             return None;
         }
@@ -62,7 +64,7 @@ impl EntryMeta {
 pub struct StoredEntry {
     pub position: u64,
     pub meta: EntryMeta,
-    /// The record as the model wrote it (shares the database's buffer).
+    /// The record as the model wrote it.
     pub record: Bytes,
 }
 
@@ -106,11 +108,12 @@ fn delivered_slot(level: u8) -> u64 {
 pub struct QueueStore {
     store: Arc<Store>,
     id: u64,
+    log: Arc<QueueLog>,
 }
 
 impl QueueStore {
-    pub(super) fn new(store: Arc<Store>, id: u64) -> Self {
-        QueueStore { store, id }
+    pub(super) fn new(store: Arc<Store>, id: u64, log: Arc<QueueLog>) -> Self {
+        QueueStore { store, id, log }
     }
 
     pub fn id(&self) -> u64 {
@@ -128,25 +131,25 @@ impl QueueStore {
         meta: &EntryMeta,
         record: &[&[u8]],
     ) -> Result<(), StoreError> {
-        let len = EntryMeta::LEN + record.iter().map(|p| p.len()).sum::<usize>();
-        let mut value = Vec::with_capacity(len);
-        meta.encode(&mut value);
-        for part in record {
-            value.extend_from_slice(part);
+        if self.store.is_closed() {
+            return Ok(());
         }
-        let key = keys::queue_key(self.id, ENTRY, position);
-        if !meta.transient {
-            return self.store.insert(&key, value);
+        if self.store.is_failed() {
+            return Err(self.store.failed_error());
         }
-        // A transient message in the tail is marked apart, in the same
-        // write: a restart drops it and must not count it.
-        let mut batch = sled::Batch::default();
-        batch.insert(&key, value);
-        batch.insert(
-            &keys::queue_key(self.id, TRANSIENT, position),
-            &u64::from(meta.size).to_be_bytes(),
-        );
-        self.store.apply(batch)
+        self.log
+            .append(position, meta, record)
+            .map_err(|e| self.store.fail(&e))?;
+        self.store.log_dirty(&self.log);
+        if meta.transient {
+            // A transient message in the tail is marked, so a restart neither
+            // counts nor keeps it.
+            self.store.insert(
+                &keys::queue_key(self.id, TRANSIENT, position),
+                u64::from(meta.size).to_be_bytes().to_vec(),
+            )?;
+        }
+        Ok(())
     }
 
     /// A transient message of the tail was read back into memory: its mark goes.
@@ -157,8 +160,12 @@ impl QueueStore {
 
     /// The message at `position` is gone: acknowledged, expired, dropped.
     pub fn remove(&self, position: u64) -> Result<(), StoreError> {
-        self.store
-            .remove(&keys::queue_key(self.id, ENTRY, position))
+        if self.store.is_closed() {
+            return Ok(());
+        }
+        self.log.remove(position);
+        self.store.log_dirty(&self.log);
+        Ok(())
     }
 
     /// Where the paged-out tail starts (`None`: the queue holds everything in memory).
@@ -182,142 +189,159 @@ impl QueueStore {
 
     /// Up to `limit` messages at positions `from..to`, in order.
     pub fn read(&self, from: u64, to: u64, limit: usize) -> Result<Vec<StoredEntry>, StoreError> {
-        let tree = self.store.tree()?;
-        let start = keys::queue_key(self.id, ENTRY, from);
-        let end = keys::queue_key(self.id, ENTRY, to);
-        let mut out = Vec::with_capacity(limit.min(1024));
-        for item in tree.range(start..end).take(limit) {
-            let (key, value) = item.map_err(StoreError::from)?;
-            out.push(entry(&key, value)?);
-        }
-        Ok(out)
+        self.log
+            .read(from, to, limit)
+            .map_err(|e| StoreError::Io(format!("reading queue {}: {e}", self.id)))
     }
 
-    /// Drops the ready messages: those at `positions` at once, and the run
-    /// `dead` (start, end) marked dead and removed in the background. One
-    /// atomic write, so a crash leaves all of them or none.
+    /// Drops the ready messages: those at `positions`, and the tail `dead`
+    /// (start, end). One atomic write in sled, so a crash leaves all of them
+    /// or none; their segments are deleted once that write is on disk.
     pub fn purge(&self, positions: &[u64], dead: Option<(u64, u64)>) -> Result<(), StoreError> {
         let mut batch = sled::Batch::default();
         for &p in positions {
-            batch.remove(&keys::queue_key(self.id, ENTRY, p));
+            batch.insert(&keys::queue_key(self.id, PURGED, p), &[]);
         }
-        if let Some((start, end)) = dead.filter(|(s, e)| s < e) {
+        let dead = dead.filter(|(s, e)| s < e);
+        if let Some((start, end)) = dead {
             batch.insert(&keys::queue_key(self.id, DEAD, start), &end.to_be_bytes());
             batch.remove(&keys::queue_key(self.id, META, TAIL_SLOT));
         }
         self.store.apply(batch)?;
-        if let Some((start, end)) = dead.filter(|(s, e)| s < e) {
+        for &p in positions {
+            self.log.remove(p);
+        }
+        if let Some((start, end)) = dead {
+            self.log.remove_from(start);
             self.store.reaper.clear_range(self.id, start, end);
         }
+        self.store.log_dirty(&self.log);
         Ok(())
     }
 
     /// Reads what a restart needs: the bookkeeping, the messages before the
     /// tail, and the tail's two ends; the tail itself stays on disk.
     pub fn recover(&self) -> Result<RecoveredQueue, StoreError> {
-        let tree = self.store.tree()?;
         let mut recovered = RecoveredQueue::default();
         let mut tail_start = None;
         let mut next = 0u64;
-        for item in tree.scan_prefix(keys::queue_kind_prefix(self.id, META)) {
-            let (key, value) = item.map_err(StoreError::from)?;
-            let (_, _, slot) = keys::parse_queue_key(&key).ok_or_else(malformed)?;
-            let n = (value.len() == 8)
-                .then(|| keys::u64_at(&value, 0))
-                .ok_or_else(malformed)?;
-            if slot == TAIL_SLOT {
-                tail_start = Some(n);
-                next = next.max(n);
-            } else {
-                let level = u8::try_from(slot - 1).map_err(|_| malformed())?;
-                recovered.delivered.push((level, n));
-                next = next.max(n.saturating_add(1));
-            }
-        }
         let mut dead = Vec::new();
-        for item in tree.scan_prefix(keys::queue_kind_prefix(self.id, DEAD)) {
-            let (key, value) = item.map_err(StoreError::from)?;
-            let (_, _, start) = keys::parse_queue_key(&key).ok_or_else(malformed)?;
-            let end = (value.len() == 8)
-                .then(|| keys::u64_at(&value, 0))
-                .ok_or_else(malformed)?;
-            // Whatever a crash left of the removal is finished in the
-            // background (see `Store::forget_queues_except`).
-            dead.push((start, end));
-            next = next.max(end);
-        }
-        let is_dead = |p: u64| dead.iter().any(|&(s, e)| s <= p && p < e);
-        let head_end = tail_start.unwrap_or(u64::MAX);
-        let mut stale = Vec::new();
-        let range = keys::queue_key(self.id, ENTRY, 0)..keys::queue_key(self.id, ENTRY, head_end);
-        for item in tree.range(range) {
-            let (key, value) = item.map_err(StoreError::from)?;
-            let e = entry(&key, value)?;
-            next = next.max(e.position + 1);
-            recovered.cum_bytes = recovered.cum_bytes.max(e.meta.cum_bytes);
-            if is_dead(e.position) {
-                continue;
+        let mut purged = HashSet::new();
+        let mut transient = Vec::new();
+        {
+            let tree = self.store.tree()?;
+            for item in tree.scan_prefix(keys::queue_kind_prefix(self.id, META)) {
+                let (key, value) = item?;
+                let slot = key_number(&key)?;
+                let n = u64_value(&value)?;
+                if slot == TAIL_SLOT {
+                    tail_start = Some(n);
+                    next = next.max(n);
+                } else {
+                    let level = u8::try_from(slot - 1).map_err(|_| malformed())?;
+                    recovered.delivered.push((level, n));
+                    next = next.max(n.saturating_add(1));
+                }
             }
-            if e.meta.transient {
-                stale.push(e.position);
-                continue;
+            for item in tree.scan_prefix(keys::queue_kind_prefix(self.id, DEAD)) {
+                let (key, value) = item?;
+                let (start, end) = (key_number(&key)?, u64_value(&value)?);
+                dead.push((start, end));
+                next = next.max(end);
             }
-            recovered.head.push(e);
+            for item in tree.scan_prefix(keys::queue_kind_prefix(self.id, PURGED)) {
+                purged.insert(key_number(&item?.0)?);
+            }
+            for item in tree.scan_prefix(keys::queue_kind_prefix(self.id, TRANSIENT)) {
+                let (key, size) = item?;
+                transient.push((key_number(&key)?, u64_value(&size)?));
+            }
         }
-        if let Some(start) = tail_start {
-            let range =
-                keys::queue_key(self.id, ENTRY, start)..keys::queue_key(self.id, ENTRY, u64::MAX);
-            let first = tree.range(range.clone()).next().transpose()?;
-            let last = tree.range(range).next_back().transpose()?;
-            if let (Some((fk, fv)), Some((lk, lv))) = (first, last) {
-                let (first, last) = (entry(&fk, fv)?, entry(&lk, lv)?);
-                next = next.max(last.position + 1);
-                recovered.cum_bytes = recovered.cum_bytes.max(last.meta.cum_bytes);
-                let mut tail = Tail {
-                    start: first.position,
-                    count: last.position - first.position + 1,
-                    bytes: last.meta.cum_bytes - first.meta.cum_bytes + u64::from(first.meta.size),
-                };
-                // Transient messages in the tail did not survive the restart.
-                let marks = keys::queue_key(self.id, TRANSIENT, first.position)
-                    ..keys::queue_key(self.id, TRANSIENT, u64::MAX);
-                for item in tree.range(marks) {
-                    let (_, size) = item?;
-                    let size = (size.len() == 8)
-                        .then(|| keys::u64_at(&size, 0))
-                        .ok_or_else(malformed)?;
+        let gone = Removed {
+            positions: &purged,
+            ranges: &dead,
+        };
+        let log = self
+            .log
+            .recover(tail_start, &gone)
+            .map_err(|e| StoreError::Io(format!("recovering queue {}: {e}", self.id)))?;
+        recovered.head = log.head;
+        if let Some((last, meta)) = log.last {
+            next = next.max(last + 1);
+            recovered.cum_bytes = meta.cum_bytes;
+        }
+        if let (Some(start), Some((first, fm)), Some((last, lm))) =
+            (tail_start, log.tail_first, log.last)
+        {
+            let mut tail = Tail {
+                start: first,
+                count: last - first + 1,
+                bytes: lm.cum_bytes - fm.cum_bytes + u64::from(fm.size),
+            };
+            // Transient messages in the tail did not survive the restart.
+            for &(position, size) in transient.iter().filter(|(p, _)| *p >= start) {
+                if position >= first {
                     tail.count = tail.count.saturating_sub(1);
                     tail.bytes = tail.bytes.saturating_sub(size);
                 }
-                recovered.tail = (tail.count > 0).then_some(tail);
             }
+            recovered.tail = (tail.count > 0).then_some(tail);
         }
         recovered.next_position = next;
-        if !stale.is_empty() {
-            let mut batch = sled::Batch::default();
-            for p in stale {
-                batch.remove(&keys::queue_key(self.id, ENTRY, p));
-            }
-            self.store.apply(batch)?;
+        self.forget_stale_marks(&dead, &purged, &transient)?;
+        if self.log.has_unwritten() {
+            self.store.log_dirty(&self.log);
         }
         Ok(recovered)
+    }
+
+    /// Marks in sled that no longer point into a segment on disk: their
+    /// messages are deleted, so the marks have done their work.
+    fn forget_stale_marks(
+        &self,
+        dead: &[(u64, u64)],
+        purged: &HashSet<u64>,
+        transient: &[(u64, u64)],
+    ) -> Result<(), StoreError> {
+        let ranges = self.log.segment_ranges();
+        let on_disk = |p: u64| ranges.iter().any(|&(f, l)| f <= p && p <= l);
+        let overlaps = |s: u64, e: u64| ranges.iter().any(|&(f, l)| f < e && s <= l);
+        let mut batch = sled::Batch::default();
+        let mut any = false;
+        for &(start, _) in dead.iter().filter(|&&(s, e)| !overlaps(s, e)) {
+            batch.remove(&keys::queue_key(self.id, DEAD, start));
+            any = true;
+        }
+        for &p in purged.iter().filter(|&&p| !on_disk(p)) {
+            batch.remove(&keys::queue_key(self.id, PURGED, p));
+            any = true;
+        }
+        for &(p, _) in transient.iter().filter(|&&(p, _)| !on_disk(p)) {
+            batch.remove(&keys::queue_key(self.id, TRANSIENT, p));
+            any = true;
+        }
+        if any {
+            self.store.apply(batch)?;
+        }
+        Ok(())
     }
 }
 
 fn malformed() -> StoreError {
     StoreError::Corrupt {
         dir: "(data dir)".into(),
-        detail: "malformed queue entry".into(),
+        detail: "malformed queue bookkeeping".into(),
     }
 }
 
-fn entry(key: &[u8], value: sled::IVec) -> Result<StoredEntry, StoreError> {
-    let (_, _, position) = keys::parse_queue_key(key).ok_or_else(malformed)?;
-    let meta = EntryMeta::decode(&value).ok_or_else(malformed)?;
-    let record = Bytes::from_owner(value).slice(EntryMeta::LEN..);
-    Ok(StoredEntry {
-        position,
-        meta,
-        record,
-    })
+fn key_number(key: &[u8]) -> Result<u64, StoreError> {
+    keys::parse_queue_key(key)
+        .map(|(_, _, n)| n)
+        .ok_or_else(malformed)
+}
+
+fn u64_value(value: &[u8]) -> Result<u64, StoreError> {
+    (value.len() == 8)
+        .then(|| keys::u64_at(value, 0))
+        .ok_or_else(malformed)
 }

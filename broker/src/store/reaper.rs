@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use parking_lot::{Condvar, Mutex};
 
-use super::keys::{self, DEAD, ENTRY, TRANSIENT};
+use super::keys::{self, TRANSIENT};
 use super::Store;
 
 /// Keys removed per batch.
@@ -26,7 +26,8 @@ const IDLE_CHECK: Duration = Duration::from_secs(5);
 enum Job {
     /// Everything under a queue id (its definition is gone).
     Queue(u64),
-    /// Entries `start..end` of a queue, then the marker that declared them dead.
+    /// The transient marks in `start..end` of a queue (a purged tail; its
+    /// segments go with the flush after the purge).
     Range { queue: u64, start: u64, end: u64 },
 }
 
@@ -152,36 +153,30 @@ fn stopping(shared: &Shared) -> bool {
 fn reap(store: &Store, job: Job, shared: &Shared) -> Result<(), super::StoreError> {
     match job {
         Job::Range { queue, start, end } => {
-            // The marks of transient messages in the range go first.
             let marks = (
                 keys::queue_key(queue, TRANSIENT, start),
                 keys::queue_key(queue, TRANSIENT, end),
             );
-            remove_all(store, marks, None, shared)?;
-            let entries = (
-                keys::queue_key(queue, ENTRY, start),
-                keys::queue_key(queue, ENTRY, end),
-            );
-            let marker = keys::queue_key(queue, DEAD, start);
-            remove_all(store, entries, Some(marker), shared)
+            remove_all(store, marks, shared)
         }
         Job::Queue(q) => {
+            // The files first: sled's keys are what tells a restart to look.
+            store.remove_queue_files(q)?;
             let all = (
                 keys::queue_key(q, 0, 0),
                 keys::queue_key(q, u8::MAX, u64::MAX),
             );
-            remove_all(store, all, None, shared)
+            remove_all(store, all, shared)
         }
     }
 }
 
 type Key = [u8; keys::QUEUE_KEY_LEN];
 
-/// Removes every key in `from..to` in bounded batches, and `last` with the final one.
+/// Removes every key in `from..to` in bounded batches.
 fn remove_all(
     store: &Store,
     (from, to): (Key, Key),
-    last: Option<Key>,
     shared: &Shared,
 ) -> Result<(), super::StoreError> {
     loop {
@@ -198,9 +193,6 @@ fn remove_all(
         let mut batch = sled::Batch::default();
         for key in chunk {
             batch.remove(key);
-        }
-        if let (true, Some(key)) = (last_chunk, last) {
-            batch.remove(&key);
         }
         store.apply_quietly(batch)?;
         if last_chunk {
