@@ -33,7 +33,7 @@ use super::records;
 use super::timers::{now_ms, Timed, Timers};
 use super::vhost::VHost;
 use crate::error::{AmqpError, AmqpResult};
-use crate::store::{QueueStore, RecoveredQueue};
+use crate::store::{QueueStore, RecoveredQueue, StoredEntry};
 
 /// A message in a queue. `seq` is its position at enqueue time, so requeued
 /// messages go back where they were, as in RabbitMQ.
@@ -679,20 +679,27 @@ impl Queue {
         };
         let whole = entries.len() < REFILL_CHUNK;
         let last = entries.last().map(|e| e.position);
-        let bytes = entries.iter().map(|e| u64::from(e.meta.size)).sum();
         let disk = st.disk.as_mut()?;
-        if !disk.refilled(chunk, last, bytes, whole) {
+        let boot = disk.boot_position;
+        // Transient messages written before a restart did not survive it,
+        // and the tail never counted them.
+        let survived = |e: &&StoredEntry| !(e.meta.transient && e.position < boot);
+        let counted = entries.iter().filter(survived).count() as u64;
+        let bytes = entries
+            .iter()
+            .filter(survived)
+            .map(|e| u64::from(e.meta.size))
+            .sum();
+        if !disk.refilled(chunk, last, counted, bytes, whole) {
             return Some(st);
         }
-        let boot = disk.boot_position;
         let mut stale = Vec::new();
         let mut marked = Vec::new();
         for e in entries {
             if e.meta.transient {
                 marked.push(e.position);
             }
-            // Transient messages written before a restart did not survive it.
-            let decoded = (!(e.meta.transient && e.position < boot))
+            let decoded = survived(&&e)
                 .then(|| records::decode_message(e.record))
                 .flatten();
             let Some(message) = decoded else {

@@ -173,11 +173,13 @@ impl QueueDisk {
         match &mut self.tail {
             Some(tail) => {
                 tail.count += 1;
+                tail.end = position + 1;
                 tail.bytes += u64::from(size);
             }
             None => {
                 self.tail = Some(Tail {
                     start: position,
+                    end: position + 1,
                     count: 1,
                     bytes: u64::from(size),
                 });
@@ -240,17 +242,25 @@ impl QueueDisk {
     fn refill_of(&self, tail: Tail) -> Refill {
         Refill {
             start: tail.start,
-            end: tail.end(),
+            end: tail.end,
         }
     }
 
-    /// A chunk was read: `last` is the last position read (if any), `bytes`
-    /// the body bytes read, `whole` whether the read reached the chunk's
-    /// end. Returns whether it still applies (a purge may have dropped the
-    /// tail meanwhile, or another reader got there first) and moves the tail
-    /// on. Positions with nothing on disk (a write that failed) simply no
-    /// longer count.
-    pub fn refilled(&mut self, chunk: Refill, last: Option<u64>, bytes: u64, whole: bool) -> bool {
+    /// A chunk was read: `last` is the last position read (if any),
+    /// `counted` how many of the messages read the tail counted (not those
+    /// a restart dropped) with `bytes` of body, `whole` whether the read
+    /// reached the chunk's end. Returns whether it still applies (a purge
+    /// may have dropped the tail meanwhile, or another reader got there
+    /// first) and moves the tail on. Positions with nothing on disk (a write
+    /// that failed) simply no longer count.
+    pub fn refilled(
+        &mut self,
+        chunk: Refill,
+        last: Option<u64>,
+        counted: u64,
+        bytes: u64,
+        whole: bool,
+    ) -> bool {
         self.refilling = false;
         let Some(tail) = self.tail.as_mut().filter(|t| t.start == chunk.start) else {
             return false;
@@ -260,10 +270,10 @@ impl QueueDisk {
             (false, Some(last)) => last + 1,
             (false, None) => chunk.start,
         };
-        tail.count = tail.count.saturating_sub(next - tail.start);
+        tail.count = tail.count.saturating_sub(counted);
         tail.bytes = tail.bytes.saturating_sub(bytes);
         tail.start = next;
-        if tail.count == 0 {
+        if tail.start >= tail.end {
             self.tail = None;
             self.ops.push(DiskOp::TailStart(None));
         } else {

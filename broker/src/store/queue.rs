@@ -68,19 +68,16 @@ pub struct StoredEntry {
     pub record: Bytes,
 }
 
-/// A run of ready messages that lives only on disk: every position in
-/// `start..start + count` holds one, with `bytes` of body.
+/// A run of ready messages that lives only on disk, at positions
+/// `start..end`: `count` of them with `bytes` of body. Not every position
+/// need hold one the queue counts (a transient message from before a
+/// restart is gone), so the run ends at `end`, not at `start + count`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Tail {
     pub start: u64,
+    pub end: u64,
     pub count: u64,
     pub bytes: u64,
-}
-
-impl Tail {
-    pub fn end(&self) -> u64 {
-        self.start + self.count
-    }
 }
 
 /// A queue as a restart finds it.
@@ -275,6 +272,7 @@ impl QueueStore {
         {
             let mut tail = Tail {
                 start: first,
+                end: last + 1,
                 count: last - first + 1,
                 bytes: lm.cum_bytes - fm.cum_bytes + u64::from(fm.size),
             };
