@@ -500,8 +500,8 @@ impl Store {
         match engine.db.flush() {
             Ok(_) => {
                 // What made these segments garbage is on disk now.
-                for (log, doomed) in drained {
-                    log.unlink(&doomed);
+                for (log, doomed) in drained.into_iter().filter(|(_, d)| !d.is_empty()) {
+                    self.reaper.unlink_segments(log, doomed);
                 }
                 true
             }

@@ -6,13 +6,14 @@
 //! batches with pauses in between.
 
 use std::collections::VecDeque;
-use std::sync::Weak;
+use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use parking_lot::{Condvar, Mutex};
 
 use super::keys::{self, TRANSIENT};
+use super::segments::QueueLog;
 use super::Store;
 
 /// Keys removed per batch.
@@ -22,8 +23,10 @@ const PAUSE: Duration = Duration::from_millis(2);
 /// How often an idle reaper looks whether the database is worth compacting.
 const IDLE_CHECK: Duration = Duration::from_secs(5);
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone)]
 enum Job {
+    /// Drained segments of a queue's log, after the flush that made them garbage.
+    Segments(Arc<QueueLog>, Vec<u64>),
     /// Everything under a queue id (its definition is gone).
     Queue(u64),
     /// The transient marks in `start..end` of a queue (a purged tail; its
@@ -76,6 +79,12 @@ impl Reaper {
 
     pub fn clear_queue(&self, queue: u64) {
         self.push(Job::Queue(queue));
+    }
+
+    /// Deletes segment files; deleting big files takes the file system a
+    /// while, which no flush (and no reply waiting on one) should wait for.
+    pub fn unlink_segments(&self, log: Arc<QueueLog>, doomed: Vec<u64>) {
+        self.push(Job::Segments(log, doomed));
     }
 
     pub fn clear_range(&self, queue: u64, start: u64, end: u64) {
@@ -141,7 +150,7 @@ fn run(store: &Weak<Store>, shared: &Shared) {
         };
         if let Err(error) = reap(&store, job, shared) {
             // Garbage left behind is found again at the next start.
-            tracing::warn!(%error, ?job, "could not remove deleted messages; retried at the next start");
+            tracing::warn!(%error, "could not remove deleted messages; retried at the next start");
         }
     }
 }
@@ -152,6 +161,10 @@ fn stopping(shared: &Shared) -> bool {
 
 fn reap(store: &Store, job: Job, shared: &Shared) -> Result<(), super::StoreError> {
     match job {
+        Job::Segments(log, doomed) => {
+            log.unlink(&doomed);
+            Ok(())
+        }
         Job::Range { queue, start, end } => {
             let marks = (
                 keys::queue_key(queue, TRANSIENT, start),
