@@ -273,7 +273,7 @@ impl QueueStore {
             let mut tail = Tail {
                 start: first,
                 end: last + 1,
-                count: last - first + 1,
+                count: (last - first + 1).saturating_sub(log.tail_removed),
                 bytes: lm.cum_bytes - fm.cum_bytes + u64::from(fm.size),
             };
             // Transient messages in the tail did not survive the restart.

@@ -199,6 +199,8 @@ pub struct RecoveredLog {
     pub tail_first: Option<(u64, EntryMeta)>,
     /// The last message written.
     pub last: Option<(u64, EntryMeta)>,
+    /// Messages at or past the tail's start that are removed all the same.
+    pub tail_removed: u64,
 }
 
 /// What a restart knows from elsewhere about which messages are gone.
@@ -480,8 +482,9 @@ impl QueueLog {
         }
     }
 
-    /// Up to `limit` messages at positions `from..to`, in order. Messages
-    /// removed meanwhile may be among them; the queue knows which are live.
+    /// Up to `limit` messages at positions `from..to`, in order, leaving out
+    /// those known to be removed. (The tail's start a restart finds can lag
+    /// behind acknowledgements that reached the disk in the same flush.)
     pub fn read(&self, from: u64, to: u64, limit: usize) -> io::Result<Vec<StoredEntry>> {
         let _io = self.io.lock();
         self.write_out()?;
@@ -538,13 +541,20 @@ impl QueueLog {
             first = Some(seg);
             break;
         }
+        let mut st = self.state.lock();
         if let Some(first) = first {
-            self.state.lock().cursor = Some(Cursor {
+            st.cursor = Some(Cursor {
                 first,
                 offset,
                 next,
             });
         }
+        out.retain(|e| {
+            st.segments
+                .range(..=e.position)
+                .next_back()
+                .is_none_or(|(_, seg)| !seg.removed_set.contains(&e.position))
+        });
         Ok(out)
     }
 
@@ -618,6 +628,7 @@ impl QueueLog {
                     if acked.contains(&position) {
                         seg.removed += 1;
                         seg.removed_set.insert(position);
+                        out.tail_removed += u64::from(!in_head(position));
                     } else if gone.contains(position) {
                         seg.removed += 1;
                     } else if !in_head(position) {
@@ -648,6 +659,7 @@ impl QueueLog {
                 seg.records = next_first - first;
                 seg.last = next_first - 1;
                 seg.removed = acked.len() as u64;
+                out.tail_removed += seg.removed;
                 seg.removed_set = acked;
                 if out.tail_first.is_none() {
                     let file = File::open(self.dir.join(segment_name(first)))?;
@@ -879,5 +891,42 @@ mod tests {
         assert_eq!(log.segment_count(), 0);
         let left: Vec<_> = fs::read_dir(dir.path().join("q")).unwrap().collect();
         assert!(left.is_empty(), "{left:?}");
+    }
+
+    #[test]
+    fn removals_in_the_tail_are_skipped_and_not_counted_after_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = QueueLog::new(dir.path().join("q"));
+        let body = vec![7u8; 100_000];
+        for p in 0..300 {
+            log.append(p, &meta(100_000), &[&body]).unwrap();
+        }
+        let firsts: Vec<u64> = log.segment_ranges().iter().map(|r| r.0).collect();
+        assert!(firsts.len() >= 4, "{firsts:?}");
+        // A segment wholly in the tail, with removals the tail's start missed.
+        let (tail_start, removed) = (firsts[2], firsts[2] + 4..firsts[2] + 14);
+        for p in removed.clone() {
+            log.remove(p);
+        }
+        log.sync().unwrap();
+
+        let again = QueueLog::new(dir.path().join("q"));
+        let (positions, ranges) = none();
+        let gone = Removed {
+            positions: &positions,
+            ranges: &ranges,
+        };
+        let r = again.recover(Some(tail_start), &gone).unwrap();
+        assert_eq!(r.head.len() as u64, tail_start);
+        assert_eq!(r.tail_first.map(|(p, _)| p), Some(tail_start));
+        assert_eq!(r.tail_removed, 10);
+        let read: Vec<u64> = again
+            .read(tail_start, 300, 1000)
+            .unwrap()
+            .iter()
+            .map(|e| e.position)
+            .collect();
+        assert_eq!(read.len() as u64, 300 - tail_start - 10);
+        assert!(read.iter().all(|p| !removed.contains(p)));
     }
 }
