@@ -32,10 +32,9 @@ struct Args {
     /// Heartbeat interval offered in connection.tune, in seconds (0 disables).
     #[arg(long, env = "HARE_HEARTBEAT", default_value_t = 60)]
     heartbeat: u64,
-    /// Memory for the store's page cache, in MiB. Queued persistent bodies
-    /// live on disk; sled's real use is about 2-3x this. 16 MiB keeps a
-    /// million queued 1 KiB messages near 150 MB of RSS; 64 MiB confirms
-    /// persistent messages about 10 % faster at twice the memory.
+    /// Memory for sled's page cache, in MiB. sled holds definitions and
+    /// each queue's bookkeeping; messages live in segment files and the
+    /// kernel's page cache, so this rarely needs changing.
     #[arg(long, env = "HARE_STORE_CACHE_MB", default_value_t = 16)]
     store_cache_mb: u64,
     /// Largest message body accepted, in bytes.
