@@ -809,8 +809,15 @@ mod tests {
         }
     }
 
-    fn none() -> (HashSet<u64>, Vec<(u64, u64)>) {
-        (HashSet::new(), Vec::new())
+    /// The log in `dir` as a restart finds it, with nothing removed by a purge.
+    fn restart(dir: &Path, tail_start: Option<u64>) -> (QueueLog, RecoveredLog) {
+        let log = QueueLog::new(dir.join("q"));
+        let gone = Removed {
+            positions: &HashSet::new(),
+            ranges: &[],
+        };
+        let recovered = log.recover(tail_start, &gone).unwrap();
+        (log, recovered)
     }
 
     #[test]
@@ -839,13 +846,7 @@ mod tests {
         assert!(!doomed.is_empty());
         log.unlink(&doomed);
 
-        let again = QueueLog::new(dir.path().join("q"));
-        let (positions, ranges) = none();
-        let gone = Removed {
-            positions: &positions,
-            ranges: &ranges,
-        };
-        let r = again.recover(None, &gone).unwrap();
+        let (_, r) = restart(dir.path(), None);
         assert_eq!(r.head.len(), 100);
         assert_eq!(r.head[0].position, 100);
         assert_eq!(r.last.map(|(p, _)| p), Some(199));
@@ -863,13 +864,7 @@ mod tests {
         let len = fs::metadata(&path).unwrap().len();
         let file = OpenOptions::new().write(true).open(&path).unwrap();
         file.set_len(len - 2).unwrap();
-        let again = QueueLog::new(dir.path().join("q"));
-        let (positions, ranges) = none();
-        let gone = Removed {
-            positions: &positions,
-            ranges: &ranges,
-        };
-        let r = again.recover(None, &gone).unwrap();
+        let (again, r) = restart(dir.path(), None);
         assert_eq!(r.head.len(), 9);
         again.append(10, &meta(3), &[b"xyz"]).unwrap();
         let got = again.read(0, 100, 100).unwrap();
@@ -910,13 +905,7 @@ mod tests {
         }
         log.sync().unwrap();
 
-        let again = QueueLog::new(dir.path().join("q"));
-        let (positions, ranges) = none();
-        let gone = Removed {
-            positions: &positions,
-            ranges: &ranges,
-        };
-        let r = again.recover(Some(tail_start), &gone).unwrap();
+        let (again, r) = restart(dir.path(), Some(tail_start));
         assert_eq!(r.head.len() as u64, tail_start);
         assert_eq!(r.tail_first.map(|(p, _)| p), Some(tail_start));
         assert_eq!(r.tail_removed, 10);
