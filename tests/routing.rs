@@ -734,3 +734,56 @@ async fn immediate_publish_is_not_implemented_540() {
     let ch = within(conn.create_channel()).await.expect("channel");
     delete_queue(&ch, &q).await;
 }
+
+/// RabbitMQ routes through exchange-to-exchange bindings at any depth and
+/// fan-out (each exchange once per message); Hare used to cut the walk after
+/// 32 forwarding exchanges and drop the message.
+#[tokio::test]
+async fn exchange_chains_and_fan_outs_route_at_any_depth() {
+    let ctx = setup().await;
+    let e2e = |dst: String, src: String| {
+        within(ctx.ch.exchange_bind(
+            dst.as_str().into(),
+            src.as_str().into(),
+            "".into(),
+            Default::default(),
+            FieldTable::default(),
+        ))
+    };
+    // A chain of 40: head -> x1 -> ... -> x39 -> queue.
+    let mut chain = Vec::new();
+    for _ in 0..40 {
+        chain.push(declare_exchange(&ctx.ch, "r-chain", ExchangeKind::Fanout).await);
+    }
+    for pair in chain.windows(2) {
+        e2e(pair[1].clone(), pair[0].clone())
+            .await
+            .expect("e2e bind");
+    }
+    let deep = declare_queue(&ctx.ch, "r-chain-q").await;
+    bind(&ctx.ch, &deep, &chain[39], "", FieldTable::default()).await;
+    // A fan-out: hub -> 40 exchanges -> one queue each.
+    let hub = declare_exchange(&ctx.ch, "r-hub", ExchangeKind::Fanout).await;
+    let mut leaves = Vec::new();
+    for _ in 0..40 {
+        let x = declare_exchange(&ctx.ch, "r-spoke", ExchangeKind::Fanout).await;
+        e2e(x.clone(), hub.clone()).await.expect("e2e bind");
+        let q = declare_queue(&ctx.ch, "r-spoke-q").await;
+        bind(&ctx.ch, &q, &x, "", FieldTable::default()).await;
+        leaves.push((x, q));
+    }
+    publish(&ctx.ch, &chain[0], "", b"deep").await;
+    publish(&ctx.ch, &hub, "", b"wide").await;
+    assert_eq!(bodies_until_marker(&ctx.ch, &deep).await, vec!["deep"]);
+    for (_, q) in &leaves {
+        assert_eq!(bodies_until_marker(&ctx.ch, q).await, vec!["wide"], "{q}");
+    }
+    delete_queue(&ctx.ch, &deep).await;
+    for (x, q) in leaves {
+        delete_queue(&ctx.ch, &q).await;
+        delete_exchange(&ctx.ch, &x).await;
+    }
+    for x in chain.iter().chain([&hub]) {
+        delete_exchange(&ctx.ch, x).await;
+    }
+}

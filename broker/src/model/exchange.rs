@@ -4,7 +4,7 @@
 //! bindings precompiled for its type: a hash index for direct, compiled patterns
 //! for topic, parsed rules for headers. Routing takes only this exchange's read lock.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -147,10 +147,6 @@ impl Route {
     }
 }
 
-/// Exchange-to-exchange and alternate-exchange chains deeper than this are
-/// cut (they only arise from cycles).
-const MAX_HOPS: usize = 32;
-
 impl ExchangeOptions {
     /// The type the client declared (what redeclares compare and the store keeps).
     pub fn type_name(&self) -> &'static str {
@@ -275,13 +271,25 @@ impl Exchange {
         route: &mut Route,
         alternates: &dyn Fn(&str) -> Option<Arc<Exchange>>,
     ) {
-        let mut visited: Vec<*const Exchange> = Vec::new();
         let hop = Hop {
             routing_key,
             headers,
             alternates,
         };
-        self.route_hop(&hop, route, &mut visited);
+        let mut onward: VecDeque<Arc<Exchange>> = self.route_hop(&hop, route).into();
+        if onward.is_empty() {
+            return;
+        }
+        // Each exchange routes a message once, however many paths lead to it
+        // (cycles included), and at any depth: a walk, not a recursion, so a
+        // chain of thousands of exchanges cannot exhaust the stack.
+        let mut visited: HashSet<*const Exchange> = HashSet::from([self as *const Exchange]);
+        while let Some(exchange) = onward.pop_front() {
+            if exchange.is_deleted() || !visited.insert(Arc::as_ptr(&exchange)) {
+                continue;
+            }
+            onward.extend(exchange.route_hop(&hop, route));
+        }
     }
 
     /// The `alternate-exchange` argument, read only when nothing matched.
@@ -293,14 +301,10 @@ impl Exchange {
             .and_then(super::args::text)
     }
 
-    fn route_hop(&self, hop: &Hop<'_>, route: &mut Route, visited: &mut Vec<*const Exchange>) {
+    /// Routes by this exchange's own bindings; returns the exchanges the
+    /// message goes on to (bound ones, or the alternate when nothing matched).
+    fn route_hop(&self, hop: &Hop<'_>, route: &mut Route) -> Vec<Arc<Exchange>> {
         let (routing_key, headers) = (hop.routing_key, hop.headers);
-        // `visited` holds the chain of exchanges that forwarded here; it only
-        // grows (and allocates) when a message actually crosses an e2e binding.
-        let me = self as *const Exchange;
-        if visited.contains(&me) || visited.len() >= MAX_HOPS {
-            return;
-        }
         let mut onward: Vec<Arc<Exchange>> = Vec::new();
         let mut matched = false;
         {
@@ -343,14 +347,7 @@ impl Exchange {
         if !matched {
             onward.extend(self.alternate().and_then(|name| (hop.alternates)(&name)));
         }
-        if !onward.is_empty() {
-            visited.push(me);
-        }
-        for exchange in onward {
-            if !exchange.is_deleted() {
-                exchange.route_hop(hop, route, visited);
-            }
-        }
+        onward
     }
 }
 
