@@ -231,7 +231,7 @@ async fn deleting_amq_direct_is_403() {
 }
 
 #[tokio::test]
-async fn default_exchange_cannot_be_declared_deleted_or_bound() {
+async fn default_exchange_cannot_be_declared_deleted_bound_or_unbound() {
     let ctx = setup().await;
     let text = expect_channel_error(
         declare(&ctx.ch, "", ExchangeKind::Direct, Default::default()).await,
@@ -256,6 +256,21 @@ async fn default_exchange_cannot_be_declared_deleted_or_bound() {
         "".into(),
         q.as_str().into(),
         Default::default(),
+        FieldTable::default(),
+    ))
+    .await;
+    let text = expect_channel_error(res, 403);
+    assert_eq!(
+        text,
+        "ACCESS_REFUSED - operation not permitted on the default exchange"
+    );
+
+    // Nor can a queue's implicit binding to it be removed.
+    let ch = ctx.channel().await;
+    let res = within(ch.queue_unbind(
+        q.as_str().into(),
+        "".into(),
+        q.as_str().into(),
         FieldTable::default(),
     ))
     .await;

@@ -212,11 +212,6 @@ impl VHost {
             self.exchange(req.name)?;
             return Ok(());
         }
-        if req.name.is_empty() {
-            return Err(AmqpError::access_refused(
-                "operation not permitted on the default exchange",
-            ));
-        }
         let (kind, delayed) = match ExchangeKind::parse(req.kind) {
             Some(kind) => (kind, false),
             // A delayed exchange routes by the type its arguments name.
@@ -596,6 +591,12 @@ impl VHost {
         arguments: &FieldTable,
         connection: u64,
     ) -> AmqpResult<()> {
+        if exchange.is_empty() {
+            // Its implicit bindings cannot be removed, as in RabbitMQ.
+            return Err(AmqpError::access_refused(
+                "operation not permitted on the default exchange",
+            ));
+        }
         let queue = self.queue(queue, connection)?;
         // Unbinding from a missing exchange succeeds in RabbitMQ: the binding is gone either way.
         let Some(exchange) = self.exchanges.read().get(exchange).cloned() else {
