@@ -153,6 +153,74 @@ async fn bad_frame_end_octet_is_501() {
     bystander_unaffected(bystander).await;
 }
 
+/// A heartbeat frame is empty and belongs to the connection: one with a
+/// payload is a framing error (501), one on a channel an unexpected frame
+/// (505), with RabbitMQ 3.10's texts.
+#[tokio::test]
+async fn heartbeat_with_payload_or_on_a_channel_closes_the_connection() {
+    let (broker, mut victim, bystander) = setup().await;
+    let heartbeat = |channel: u16, payload: &[u8]| {
+        let mut frame = vec![8];
+        frame.extend_from_slice(&channel.to_be_bytes());
+        frame.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+        frame.extend_from_slice(payload);
+        frame.push(0xCE);
+        frame
+    };
+    victim.send_raw(&heartbeat(0, b"ab")).await;
+    victim
+        .expect_connection_close(
+            501,
+            "FRAME_ERROR - type 8, all octets = <<\"ab\">>: unknown_frame",
+            0,
+            0,
+        )
+        .await;
+    let mut victim = Raw::open(broker.addr()).await;
+    victim.open_channel(1).await;
+    victim.send_raw(&heartbeat(1, b"")).await;
+    victim
+        .expect_connection_close(505, "UNEXPECTED_FRAME - type 8, all octets = <<>>", 0, 0)
+        .await;
+    bystander_unaffected(bystander).await;
+}
+
+/// tune-ok values past the server's limits are refused with 530 before the
+/// connection opens, 0 ("no limit") included, since the server has limits:
+/// RabbitMQ 3.10 refuses the same values (it resets the socket; Hare sends
+/// the close that says why).
+#[tokio::test]
+async fn tune_ok_past_the_servers_limits_is_530() {
+    let broker = TestBroker::start();
+    for (channel_max, frame_max, text) in [
+        (Some(0), None, "NOT_ALLOWED - channel_max=0 > 2047 max"),
+        (
+            Some(3000),
+            None,
+            "NOT_ALLOWED - channel_max=3000 > 2047 max",
+        ),
+        (None, Some(0), "NOT_ALLOWED - frame_max=0 > 131072 max size"),
+        (
+            None,
+            Some(1000),
+            "NOT_ALLOWED - frame_max=1000 < 4096 min size",
+        ),
+    ] {
+        let opts = Handshake {
+            channel_max,
+            frame_max,
+            ..Handshake::default()
+        };
+        let (_raw, reply) = Raw::handshake(broker.addr(), &opts).await;
+        match reply {
+            Some(AMQPFrame::Method(0, AMQPClass::Connection(connection::AMQPMethod::Close(c)))) => {
+                assert_eq!((c.reply_code, c.reply_text.as_str()), (530, text))
+            }
+            other => panic!("{text}: expected connection.close, got {other:?}"),
+        }
+    }
+}
+
 /// Frame types other than 1, 2, 3 and 8 are a framing error.
 #[tokio::test]
 async fn unknown_frame_type_is_501() {

@@ -126,6 +126,19 @@ impl FrameReader {
                 }
             }
             FRAME_BODY => Inbound::Body(channel, payload),
+            // A heartbeat is empty and belongs to the connection, as RabbitMQ checks.
+            _ if !payload.is_empty() => {
+                return Err(frame_error(format!(
+                    "type {frame_type}, {}: unknown_frame",
+                    describe_octets(&payload)
+                )))
+            }
+            _ if channel != 0 => {
+                return Err(AmqpError::connection(
+                    code::UNEXPECTED_FRAME,
+                    format!("type {frame_type}, {}", describe_octets(&payload)),
+                ))
+            }
             _ => Inbound::Heartbeat(channel),
         }))
     }

@@ -92,13 +92,13 @@ pub async fn run(
         other => return Err(unexpected_method(&other, "connection.tune-ok")),
     };
     let frame_max = match tune_ok.frame_max {
-        0 => config.frame_max,
-        f if f < FRAME_MIN_SIZE => {
+        // 0 ("no limit") is refused where the server has one, as RabbitMQ does.
+        f if f < FRAME_MIN_SIZE && f != 0 => {
             return Err(not_allowed(format!(
                 "frame_max={f} < {FRAME_MIN_SIZE} min size"
             )))
         }
-        f if f > config.frame_max => {
+        f if f > config.frame_max || f == 0 => {
             return Err(not_allowed(format!(
                 "frame_max={f} > {} max size",
                 config.frame_max
@@ -107,8 +107,7 @@ pub async fn run(
         f => f,
     };
     let channel_max = match tune_ok.channel_max {
-        0 => config.channel_max,
-        c if c > config.channel_max => {
+        c if c > config.channel_max || c == 0 => {
             return Err(not_allowed(format!(
                 "channel_max={c} > {} max",
                 config.channel_max
