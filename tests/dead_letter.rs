@@ -938,3 +938,67 @@ async fn dead_letters_in_a_durable_queue_survive_restart_with_x_death() {
     drop(broker);
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// A message published with `CC` keys is dead-lettered along all its keys
+/// when the queue has no dead-letter routing key (and `x-death` lists them
+/// all); with one, only along it, and the `CC` header is dropped.
+#[tokio::test]
+async fn cc_keys_route_dead_letters_unless_the_queue_sets_a_routing_key() {
+    let ctx = setup().await;
+    let dlx = exchange(
+        &ctx.ch,
+        "dlx-cc",
+        ExchangeKind::Direct,
+        FieldTable::default(),
+    )
+    .await;
+    let (by_key, by_cc) = (unique("dl-cc-key"), unique("dl-cc-cc"));
+    for (q, key) in [(&by_key, "the-key"), (&by_cc, "the-cc")] {
+        declare(&ctx.ch, q, FieldTable::default()).await;
+        bind(&ctx.ch, q, &dlx, key, FieldTable::default()).await;
+    }
+    let cc = AMQPValue::FieldArray(vec![ls("the-cc")].into());
+    for own_key in [None, Some("the-key")] {
+        let source = unique("dl-cc-src");
+        let mut args = vec![("x-dead-letter-exchange", ls(&dlx))];
+        args.extend(own_key.map(|k| ("x-dead-letter-routing-key", ls(k))));
+        declare(&ctx.ch, &source, table(&args)).await;
+        let props = BasicProperties::default().with_headers(table(&[("CC", cc.clone())]));
+        publish_with(&ctx.ch, "", &source, b"m", props).await;
+        wait_message_count(&ctx.ch, &source, 1).await;
+        get_and_reject(&ctx.ch, &source).await;
+        let expected_keys = vec![ls(&source), ls("the-cc")];
+        let reached: Vec<&String> = match own_key {
+            None => vec![&by_cc],
+            Some(_) => vec![&by_key],
+        };
+        for q in &reached {
+            let m = get_one(&ctx.ch, q).await;
+            let headers = m.delivery.properties.headers().clone().unwrap_or_default();
+            assert_eq!(
+                headers.inner().contains_key("CC"),
+                own_key.is_none(),
+                "{headers:?}"
+            );
+            let Some(AMQPValue::FieldArray(deaths)) = headers.inner().get("x-death") else {
+                panic!("no x-death: {headers:?}");
+            };
+            let Some(AMQPValue::FieldTable(death)) = deaths.as_slice().first() else {
+                panic!("empty x-death");
+            };
+            let keys = death.inner().get("routing-keys");
+            assert_eq!(
+                keys,
+                Some(&AMQPValue::FieldArray(expected_keys.clone().into()))
+            );
+        }
+        for q in [&by_key, &by_cc] {
+            if !reached.contains(&q) {
+                assert!(
+                    get(&ctx.ch, q).await.is_none(),
+                    "{q} got a copy ({own_key:?})"
+                );
+            }
+        }
+    }
+}

@@ -787,3 +787,91 @@ async fn exchange_chains_and_fan_outs_route_at_any_depth() {
         delete_exchange(&ctx.ch, x).await;
     }
 }
+
+/// Sender-selected distribution: the keys in `CC` and `BCC` route the message
+/// through the same exchange too, one copy per queue however many keys reach
+/// it; receivers see `CC` but never `BCC`. The default exchange takes them as
+/// queue names.
+#[tokio::test]
+async fn cc_and_bcc_headers_route_one_copy_per_queue_and_bcc_is_hidden() {
+    let ctx = setup().await;
+    let x = declare_exchange(&ctx.ch, "r-cc", ExchangeKind::Direct).await;
+    let mut queues = Vec::new();
+    for _ in 0..4 {
+        let q = declare_queue(&ctx.ch, "r-cc-q").await;
+        bind(&ctx.ch, &q, &x, &q, FieldTable::default()).await;
+        queues.push(q);
+    }
+    let keys = |names: &[&String]| {
+        AMQPValue::FieldArray(names.iter().map(|n| s(n)).collect::<Vec<_>>().into())
+    };
+    let cc = keys(&[&queues[1], &queues[1]]);
+    let headers = table(&[("CC", cc.clone()), ("BCC", keys(&[&queues[2], &queues[0]]))]);
+    let props = BasicProperties::default().with_headers(headers);
+    publish_with(&ctx.ch, &x, &queues[0], b"m", props.clone()).await;
+    for q in &queues[..3] {
+        let got = within(
+            ctx.ch
+                .basic_get(q.as_str().into(), BasicGetOptions { no_ack: true }),
+        )
+        .await
+        .expect("basic.get")
+        .unwrap_or_else(|| panic!("{q} got no copy"));
+        let seen = got
+            .delivery
+            .properties
+            .headers()
+            .clone()
+            .unwrap_or_default();
+        assert_eq!(seen.inner().get("CC"), Some(&cc), "{q}");
+        assert!(!seen.inner().contains_key("BCC"), "{q} sees BCC: {seen:?}");
+        assert_eq!(bodies_until_marker(&ctx.ch, q).await, Vec::<String>::new());
+    }
+    assert_eq!(
+        bodies_until_marker(&ctx.ch, &queues[3]).await,
+        Vec::<String>::new()
+    );
+    // Through the default exchange, the keys are queue names.
+    let headers = table(&[("CC", keys(&[&queues[3]]))]);
+    let props = BasicProperties::default().with_headers(headers);
+    publish_with(&ctx.ch, "", &queues[2], b"d", props).await;
+    assert_eq!(bodies_until_marker(&ctx.ch, &queues[2]).await, vec!["d"]);
+    assert_eq!(bodies_until_marker(&ctx.ch, &queues[3]).await, vec!["d"]);
+    for q in &queues {
+        delete_queue(&ctx.ch, q).await;
+    }
+    delete_exchange(&ctx.ch, &x).await;
+}
+
+/// A `CC` or `BCC` header that is not an array is refused with RabbitMQ's
+/// 406 and the type it found.
+#[tokio::test]
+async fn cc_or_bcc_that_is_not_an_array_is_406() {
+    let ctx = setup().await;
+    let q = declare_queue(&ctx.ch, "r-cc-bad").await;
+    for (name, value, found) in [
+        ("CC", s("single"), "longstr"),
+        ("BCC", AMQPValue::LongInt(5), "signedint"),
+    ] {
+        let ch = ctx.channel().await;
+        let props = BasicProperties::default().with_headers(table(&[(name, value)]));
+        within(ch.basic_publish(
+            "".into(),
+            q.as_str().into(),
+            BasicPublishOptions::default(),
+            b"m",
+            props,
+        ))
+        .await
+        .expect("publish is written");
+        let text = expect_channel_error(sync_probe(&ch).await, 406);
+        assert_eq!(
+            text,
+            format!(
+                "PRECONDITION_FAILED - invalid message: {{unacceptable_type_in_header,\"{name}\",{found}}}"
+            )
+        );
+    }
+    assert_eq!(message_count(&ctx.ch, &q).await, 0);
+    delete_queue(&ctx.ch, &q).await;
+}

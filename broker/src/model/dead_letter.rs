@@ -13,6 +13,7 @@ use bytes::Bytes;
 
 use super::message::Message;
 use super::queue::{Queue, QueuedMessage};
+use super::sender_selected;
 use super::timers::now_ms;
 use super::vhost::VHost;
 
@@ -64,20 +65,26 @@ impl VHost {
         let now_secs = now_ms() / 1000;
         for (queued, reason) in dead {
             let content = queued.message.clone();
-            let routing_key = from
-                .args
-                .dead_letter_routing_key
-                .as_deref()
-                .unwrap_or(content.routing_key.as_str());
+            // Without its own routing key the dead letter goes where the
+            // message's keys (its `CC` ones included) lead; with one, only
+            // there, and `CC` is dropped, as in RabbitMQ.
+            let own_key = from.args.dead_letter_routing_key.as_deref();
+            let routing_key = own_key.unwrap_or(content.routing_key.as_str());
             let message = Arc::new(dead_lettered(
                 &content,
                 &from.name,
                 reason,
                 dlx,
                 routing_key,
+                own_key.is_none(),
                 now_secs,
             ));
             let mut route = self.route(exchange.as_ref(), routing_key, message.headers());
+            if own_key.is_none() {
+                for key in sender_selected::extra_keys(message.headers()) {
+                    self.route_into(exchange.as_ref(), key, message.headers(), &mut route);
+                }
+            }
             if reason != Reason::Rejected {
                 let deaths = x_deaths(message.headers());
                 route.queues.retain(|q| !is_cycle(&q.name, deaths));
@@ -97,6 +104,7 @@ fn dead_lettered(
     reason: Reason,
     dlx: &str,
     routing_key: &str,
+    keep_cc: bool,
     now_secs: u64,
 ) -> Message {
     let props = &content.properties;
@@ -153,6 +161,9 @@ fn dead_lettered(
         "x-death".into(),
         AMQPValue::FieldArray(FieldArray::from(deaths)),
     );
+    if !keep_cc {
+        headers.remove("CC");
+    }
     let properties = without_expiration(props).with_headers(FieldTable::from(headers));
     Message {
         exchange: dlx.into(),

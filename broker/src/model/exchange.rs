@@ -140,7 +140,7 @@ pub struct Route {
 }
 
 impl Route {
-    fn add(&mut self, queue: &Arc<Queue>) {
+    pub fn add(&mut self, queue: &Arc<Queue>) {
         if !self.queues.iter().any(|q| Arc::ptr_eq(q, queue)) {
             self.queues.push(queue.clone());
         }

@@ -13,6 +13,7 @@ pub mod queue_args;
 pub mod queue_disk;
 pub mod ready;
 pub mod records;
+pub mod sender_selected;
 pub mod timers;
 pub mod topic;
 pub mod vhost;

@@ -1,7 +1,8 @@
 //! Where a published message goes: routing through an exchange (falling back
 //! to its alternate exchange when nothing matches) and the hand-off to each
 //! queue, which writes its own copy when it is durable. Clients'
-//! publishes, dead letters and delayed messages all take this path.
+//! publishes, dead letters and delayed messages all take this path; the
+//! keys of `CC` and `BCC` headers route too (see [`sender_selected`]).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -12,6 +13,7 @@ use super::delayed;
 use super::exchange::{Exchange, Route};
 use super::message::Message;
 use super::queue::{Enqueued, Queue};
+use super::sender_selected;
 use super::vhost::VHost;
 
 /// What publishing one message did.
@@ -43,7 +45,11 @@ impl VHost {
         exchange: Option<&Arc<Exchange>>,
         message: Arc<Message>,
     ) -> Published {
-        let route = self.route(exchange, message.routing_key.as_str(), message.headers());
+        let mut route = self.route(exchange, message.routing_key.as_str(), message.headers());
+        for key in sender_selected::extra_keys(message.headers()) {
+            self.route_into(exchange, key, message.headers(), &mut route);
+        }
+        let message = sender_selected::without_bcc(message);
         // One relaxed add per publish; "published in" is their sum.
         let totals = &exchange.unwrap_or(self.default_exchange()).totals;
         let counter = if route.queues.is_empty() {
@@ -65,13 +71,28 @@ impl VHost {
         headers: Option<&FieldTable>,
     ) -> Route {
         let mut route = Route::default();
+        self.route_into(exchange, routing_key, headers, &mut route);
+        route
+    }
+
+    /// Adds the queues `routing_key` reaches to `route` (each queue once).
+    pub(super) fn route_into(
+        &self,
+        exchange: Option<&Arc<Exchange>>,
+        routing_key: &str,
+        headers: Option<&FieldTable>,
+        route: &mut Route,
+    ) {
         match exchange {
-            None => route.queues.extend(self.queue_for_publish(routing_key)),
-            Some(x) => x.route(routing_key, headers, &mut route, &|name| {
+            None => {
+                if let Some(queue) = self.queue_for_publish(routing_key) {
+                    route.add(&queue);
+                }
+            }
+            Some(x) => x.route(routing_key, headers, route, &|name| {
                 self.exchange(name).ok()
             }),
         }
-        route
     }
 
     /// Hands a routed message to its queues; each durable one writes its own

@@ -22,9 +22,9 @@ use crate::model::exchange::Exchange;
 use crate::model::message::Message;
 use crate::model::publish::Published;
 use crate::model::queue::{Consumer, Queue, QueueOptions};
-use crate::model::queue_args;
 use crate::model::vhost::{generated_name, ExchangeDeclare, QueueDeclare, VHost};
 use crate::model::Broker;
+use crate::model::{queue_args, sender_selected};
 use crate::store::Store;
 
 /// What a channel needs from its connection to handle a method.
@@ -361,6 +361,7 @@ impl Channel {
         let exchange = self.resolve_exchange(ctx, publish.exchange.as_str())?;
         // Checked after the exchange lookup, as RabbitMQ does; the lead wires the value.
         queue_args::message_expiration(&message.properties).map_err(in_publish)?;
+        sender_selected::check(&message).map_err(in_publish)?;
         if let Some(tx) = self.tx.as_mut() {
             tx.publishes.push((publish, message, exchange));
             return Ok(());
