@@ -153,6 +153,67 @@ async fn bad_frame_end_octet_is_501() {
     bystander_unaffected(bystander).await;
 }
 
+/// Client and server closing the same channel at once (amqp091-go's
+/// TestChannelExceptionWithCloseIssue43): the server answers the client's
+/// close with close-ok and still takes the client's close-ok for its own,
+/// so the connection and its other channels go on, and the channel number
+/// can be opened again.
+#[tokio::test]
+async fn crossing_channel_closes_leave_the_connection_working() {
+    let (_broker, mut victim, bystander) = setup().await;
+    let mut bytes = encode(&queue_declare(1, &unique("missing"), true));
+    bytes.extend(encode(&method(
+        1,
+        AMQPClass::Channel(channel::AMQPMethod::Close(channel::Close {
+            reply_code: 200,
+            reply_text: "bye".into(),
+            class_id: 0,
+            method_id: 0,
+        })),
+    )));
+    victim.send_raw(&bytes).await;
+    victim
+        .expect_channel_close(1, 404, "NOT_FOUND - no queue '*' in vhost '/'", 50, 10)
+        .await;
+    match victim.next().await {
+        Some(AMQPFrame::Method(1, AMQPClass::Channel(channel::AMQPMethod::CloseOk(_)))) => {}
+        other => panic!("expected channel.close-ok on 1, got {other:?}"),
+    }
+    victim.assert_healthy(1).await;
+    victim.assert_healthy(2).await;
+    victim.close().await;
+    bystander_unaffected(bystander).await;
+}
+
+/// After connection.close-ok the client closes the socket, not the server
+/// (amqplib still writes what it buffered after its connection.close, and
+/// gets EPIPE and no close callback from a server that hung up first).
+#[tokio::test]
+async fn the_client_closes_the_socket_after_connection_close_ok() {
+    let broker = TestBroker::start();
+    let mut raw = Raw::open(broker.addr()).await;
+    raw.send(&method(
+        0,
+        AMQPClass::Connection(connection::AMQPMethod::Close(connection::Close {
+            reply_code: 200,
+            reply_text: "bye".into(),
+            class_id: 0,
+            method_id: 0,
+        })),
+    ))
+    .await;
+    match raw.next().await {
+        Some(AMQPFrame::Method(0, AMQPClass::Connection(connection::AMQPMethod::CloseOk(_)))) => {}
+        other => panic!("expected connection.close-ok, got {other:?}"),
+    }
+    raw.send(&queue_declare(1, "written-after-close", false))
+        .await;
+    assert!(
+        raw.next_within(Duration::from_millis(500)).await.is_none(),
+        "the broker answered or hung up after its close-ok"
+    );
+}
+
 /// A heartbeat frame is empty and belongs to the connection: one with a
 /// payload is a framing error (501), one on a channel an unexpected frame
 /// (505), with RabbitMQ 3.10's texts.

@@ -30,6 +30,8 @@ const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(10);
 
 /// How long we wait for close-ok after sending connection.close.
 const CLOSE_OK_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a client has to close its socket after our connection.close-ok.
+const HANGUP_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Serves one accepted socket until it closes.
 pub async fn serve(
@@ -160,7 +162,7 @@ impl Connection {
                 let content = matches!(frame, Inbound::Header { .. } | Inbound::Body(..));
                 match self.handle(frame) {
                     Ok(Flow::Continue) => {}
-                    Ok(Flow::Done) => return,
+                    Ok(Flow::Done) => return wait_for_hangup(socket, reader, &mut shutdown).await,
                     Err(error) => return self.close_with(error, socket, reader).await,
                 }
                 if !self.held.is_empty() {
@@ -429,7 +431,9 @@ impl Connection {
                         self.forget_channel(id);
                     }
                     AMQPClass::Channel(channel::AMQPMethod::Close(_)) => {
-                        self.forget_channel(id);
+                        // Our closes crossed: answer the client's, and keep
+                        // waiting for its answer to ours (as RabbitMQ does),
+                        // so that close-ok is not a frame on a dead channel.
                         self.send_channel_close_ok(id);
                     }
                     _ => {}
@@ -595,6 +599,31 @@ fn send_connection_close(outbox: &Outbox, error: &AmqpError) {
             method_id: error.method_id,
         })),
     );
+}
+
+/// After our close-ok the client closes the socket, as RabbitMQ expects:
+/// closing it first would make a client that still writes (amqplib sends
+/// what it buffered after its connection.close) fail with a broken pipe.
+/// Whatever arrives meanwhile is discarded; a client that never hangs up is
+/// cut off after [`HANGUP_TIMEOUT`] or when the broker stops.
+async fn wait_for_hangup(
+    socket: &mut OwnedReadHalf,
+    reader: &mut FrameReader,
+    shutdown: &mut watch::Receiver<bool>,
+) {
+    let discard = async {
+        loop {
+            reader.buffer().clear();
+            match socket.read_buf(reader.buffer()).await {
+                Ok(n) if n > 0 => {}
+                _ => return,
+            }
+        }
+    };
+    tokio::select! {
+        _ = tokio::time::timeout(HANGUP_TIMEOUT, discard) => {}
+        _ = shutdown.changed() => {}
+    }
 }
 
 /// Reads and discards frames until connection.close-ok (or close) arrives.
