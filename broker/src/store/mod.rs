@@ -353,13 +353,24 @@ impl Store {
         Ok(())
     }
 
-    /// Deletes a deleted queue's segment files.
-    fn remove_queue_files(&self, id: u64) -> Result<(), StoreError> {
+    /// Deletes a deleted queue's segment files, one at a time with `pause`
+    /// in between: freeing gigabytes at once would hold up everyone's fsync.
+    fn remove_queue_files(&self, id: u64, pause: Duration) -> Result<(), StoreError> {
         let dir = self.queue_dir(id);
-        match std::fs::remove_dir_all(&dir) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                Err(StoreError::Io(format!("{}: {e}", dir.display())))
+        let io = |e: std::io::Error| StoreError::Io(format!("{}: {e}", dir.display()));
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(io(e)),
+        };
+        for entry in entries {
+            match std::fs::remove_file(entry.map_err(io)?.path()) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(e)),
+                _ => std::thread::sleep(pause),
             }
+        }
+        match std::fs::remove_dir(&dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io(e)),
             _ => Ok(()),
         }
     }

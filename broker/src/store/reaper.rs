@@ -162,7 +162,12 @@ fn stopping(shared: &Shared) -> bool {
 fn reap(store: &Store, job: Job, shared: &Shared) -> Result<(), super::StoreError> {
     match job {
         Job::Segments(log, doomed) => {
-            log.unlink(&doomed);
+            // One file at a time: freeing a big purge at once would hold
+            // up everyone's fsync.
+            for first in doomed {
+                log.unlink(&[first]);
+                std::thread::sleep(PAUSE);
+            }
             Ok(())
         }
         Job::Range { queue, start, end } => {
@@ -174,7 +179,7 @@ fn reap(store: &Store, job: Job, shared: &Shared) -> Result<(), super::StoreErro
         }
         Job::Queue(q) => {
             // The files first: sled's keys are what tells a restart to look.
-            store.remove_queue_files(q)?;
+            store.remove_queue_files(q, PAUSE)?;
             let all = (
                 keys::queue_key(q, 0, 0),
                 keys::queue_key(q, u8::MAX, u64::MAX),
