@@ -26,16 +26,24 @@ pub enum Reason {
     Expired,
     /// Dropped or refused by `x-max-length` / `x-max-length-bytes`.
     MaxLen,
+    /// Returned to a quorum queue more often than its `x-delivery-limit`.
+    DeliveryLimit,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 3] = [Reason::Rejected, Reason::Expired, Reason::MaxLen];
+    pub const ALL: [Reason; 4] = [
+        Reason::Rejected,
+        Reason::Expired,
+        Reason::MaxLen,
+        Reason::DeliveryLimit,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Reason::Rejected => "rejected",
             Reason::Expired => "expired",
             Reason::MaxLen => "maxlen",
+            Reason::DeliveryLimit => "delivery_limit",
         }
     }
 }

@@ -4,7 +4,7 @@
 //! header keys on re-encoding).
 
 use amq_protocol::protocol::BasicProperties;
-use amq_protocol::types::{FieldTable, ShortString};
+use amq_protocol::types::{AMQPValue, FieldTable, ShortString};
 use bytes::Bytes;
 
 #[derive(Debug)]
@@ -32,4 +32,22 @@ impl Message {
     pub fn expiration_ms(&self) -> Option<u64> {
         self.properties.expiration().as_ref()?.as_str().parse().ok()
     }
+}
+
+/// The content header a quorum queue delivers `message` with: as published
+/// plus `x-delivery-count`, how often it came back unsettled before, which
+/// clients (Celery, MassTransit...) read to give up on a poison message.
+/// RabbitMQ 3.10 leaves it out of a consumer's first delivery but puts it in
+/// every basic.get-ok, 0 included; other deliveries keep their header bytes.
+pub fn quorum_header(message: &Message, delivery_count: u32, for_get: bool) -> Bytes {
+    if delivery_count == 0 && !for_get {
+        return message.raw_header.clone();
+    }
+    let mut headers = message.headers().cloned().unwrap_or_default();
+    headers.insert(
+        "x-delivery-count".into(),
+        AMQPValue::LongLongInt(delivery_count.into()),
+    );
+    let properties = message.properties.clone().with_headers(headers);
+    super::dead_letter::encode_header(&properties, message.body.len() as u64)
 }

@@ -22,11 +22,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 
 use amq_protocol::types::{FieldTable, ShortString};
+use bytes::Bytes;
 use parking_lot::{Mutex, MutexGuard};
 
 use super::dead_letter::Reason;
 use super::message::Message;
-use super::queue_args::{Overflow, QueueArgs};
+use super::queue_args::{Overflow, QueueArgs, QueueType};
 use super::queue_disk::{QueueDisk, Refill, IN_MEMORY_READY, REFILL_CHUNK};
 use super::ready::Ready;
 use super::records;
@@ -40,6 +41,9 @@ use crate::store::{QueueStore, RecoveredQueue, StoredEntry};
 pub struct QueuedMessage {
     pub seq: u64,
     pub redelivered: bool,
+    /// How often it came back unsettled (requeued by the client, or its
+    /// channel or consumer went away): quorum queues' `x-delivery-count`.
+    pub delivery_count: u32,
     /// Its priority level in a priority queue.
     pub priority: u8,
     /// Body size, counted against `x-max-length-bytes` even while paged out.
@@ -129,8 +133,8 @@ pub struct QueueTotals {
     pub redelivered: u64,
     pub acked: u64,
     pub expired: u64,
-    /// By reason: rejected, expired, maxlen.
-    pub dead_lettered: [u64; 3],
+    /// Indexed by `Reason`.
+    pub dead_lettered: [u64; Reason::ALL.len()],
 }
 
 /// A queue's figures at one moment.
@@ -538,6 +542,9 @@ impl Queue {
                 st.ready.push_back(QueuedMessage {
                     seq: e.position,
                     redelivered,
+                    // The count itself is not stored: a message delivered
+                    // before the restart counts as returned once.
+                    delivery_count: u32::from(redelivered),
                     priority: e.meta.priority,
                     size: e.meta.size,
                     expires_at: e.meta.expires_at,
@@ -710,6 +717,7 @@ impl Queue {
             st.ready.push_back(QueuedMessage {
                 seq: e.position,
                 redelivered: false,
+                delivery_count: 0,
                 priority: e.meta.priority,
                 size: e.meta.size,
                 expires_at: e.meta.expires_at,
@@ -757,6 +765,7 @@ impl Queue {
                 let refused = QueuedMessage {
                     seq: 0,
                     redelivered: false,
+                    delivery_count: 0,
                     priority,
                     size,
                     expires_at: 0,
@@ -787,6 +796,7 @@ impl Queue {
         let queued = QueuedMessage {
             seq,
             redelivered: false,
+            delivery_count: 0,
             priority,
             size,
             expires_at,
@@ -977,18 +987,42 @@ impl Queue {
         self.finish(st);
     }
 
+    /// The content header `message` goes out with: a quorum queue adds
+    /// `x-delivery-count` (see `message::quorum_header`).
+    pub fn delivery_header(&self, message: &QueuedMessage, for_get: bool) -> Bytes {
+        match self.args.queue_type {
+            QueueType::Quorum => {
+                super::message::quorum_header(&message.message, message.delivery_count, for_get)
+            }
+            QueueType::Classic => message.message.raw_header.clone(),
+        }
+    }
+
     /// Puts deliveries back at their original positions, marked redelivered;
     /// with drop-head, whatever is then over the length limit goes from the head.
+    /// Each return counts as a failed delivery; past a quorum queue's
+    /// `x-delivery-limit` the message is dead-lettered instead (or dropped),
+    /// so a message every consumer fails on cannot loop forever.
     pub fn requeue(self: &Arc<Self>, items: Vec<(Option<u64>, QueuedMessage)>) {
         let mut st = self.state.lock();
         let mut messages = Vec::with_capacity(items.len());
+        let mut over_limit = Vec::new();
         for (consumer, mut message) in items {
             st.settle_one(consumer);
             message.redelivered = true;
-            messages.push(message);
+            message.delivery_count = message.delivery_count.saturating_add(1);
+            match self.args.delivery_limit {
+                Some(limit) if u64::from(message.delivery_count) > limit => {
+                    over_limit.push(message)
+                }
+                _ => messages.push(message),
+            }
         }
         if self.is_deleted() {
             return;
+        }
+        for message in over_limit {
+            st.discard(self, message, Reason::DeliveryLimit);
         }
         messages.sort_unstable_by_key(|m| m.seq);
         st.ready.restore(messages);

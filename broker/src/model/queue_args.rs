@@ -26,9 +26,73 @@ pub enum Overflow {
     RejectPublishDlx,
 }
 
+/// The queue type a declare names with `x-queue-type` (absent means classic).
+///
+/// Hare has one queue implementation; a quorum queue is an ordinary durable
+/// queue on this one node, with no replication. The type only decides what
+/// RabbitMQ 3.10 would decide for it: which arguments a declare may carry,
+/// that the queue must be durable, and the quorum delivery features
+/// (`x-delivery-count`, `x-delivery-limit`) clients written for clusters use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum QueueType {
+    #[default]
+    Classic,
+    Quorum,
+}
+
+impl QueueType {
+    /// The type an argument table names. Only valid names get stored, so
+    /// anything but `quorum` is classic.
+    pub fn of(arguments: &FieldTable) -> QueueType {
+        match arguments.inner().get("x-queue-type").and_then(args::text) {
+            Some(t) if t == "quorum" => QueueType::Quorum,
+            _ => QueueType::Classic,
+        }
+    }
+
+    /// RabbitMQ's module for the type, as its error texts name it.
+    fn module(self) -> &'static str {
+        match self {
+            QueueType::Classic => "rabbit_classic_queue",
+            QueueType::Quorum => "rabbit_quorum_queue",
+        }
+    }
+
+    /// Arguments RabbitMQ 3.10 refuses for this type whatever their value
+    /// (they belong to another type). Streams' own are refused by both.
+    fn refused_args(self) -> &'static [&'static str] {
+        match self {
+            QueueType::Classic => &[
+                "x-delivery-limit",
+                "x-dead-letter-strategy",
+                "x-max-in-memory-length",
+                "x-max-in-memory-bytes",
+                "x-quorum-initial-group-size",
+                "x-queue-leader-locator",
+                "x-max-age",
+                "x-stream-max-segment-size-bytes",
+                "x-initial-cluster-size",
+            ],
+            QueueType::Quorum => &[
+                "x-max-priority",
+                "x-queue-mode",
+                "x-queue-master-locator",
+                "x-max-age",
+                "x-stream-max-segment-size-bytes",
+                "x-initial-cluster-size",
+            ],
+        }
+    }
+
+    fn refuses(self, arg: &str) -> bool {
+        self.refused_args().contains(&arg)
+    }
+}
+
 /// The queue arguments Hare understands, parsed and checked.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct QueueArgs {
+    pub queue_type: QueueType,
     /// `x-message-ttl`, ms (0 is allowed: expire unless delivered at once).
     pub message_ttl: Option<u64>,
     /// `x-expires`, ms; never 0 (RabbitMQ refuses it).
@@ -44,6 +108,11 @@ pub struct QueueArgs {
     pub single_active_consumer: bool,
     /// `x-consumer-timeout`, ms. RabbitMQ 3.10 ignores it; Hare honours it.
     pub consumer_timeout: Option<u64>,
+    /// Quorum queues' `x-delivery-limit`: a message returned to the queue
+    /// more often than this is dead-lettered (reason `delivery_limit`).
+    /// RabbitMQ 3.10 takes any value: a negative one acts as 0, a
+    /// non-integer as no limit.
+    pub delivery_limit: Option<u64>,
 }
 
 /// Why a value is refused, printed as RabbitMQ prints the Erlang term.
@@ -151,10 +220,21 @@ impl QueueArgs {
             None => Ok(()),
         };
         check("x-queue-type", &|v| match long_string(v)?.as_str() {
-            // Quorum queues and streams are RabbitMQ's; Hare has classic only.
-            "classic" => Ok(()),
+            // Quorum queues are accepted (see `QueueType`); streams are a
+            // different kind of log that Hare does not have, so a stream
+            // is refused as RabbitMQ refuses a type it does not know.
+            "classic" | "quorum" => Ok(()),
             other => Err(Reason::Text(format!("unsupported queue type '{other}'"))),
         })?;
+        let kind = QueueType::of(arguments);
+        parsed.queue_type = kind;
+        // An argument the type refuses is not validated first: its value is moot.
+        let check = |arg: &str, f: &dyn Fn(&AMQPValue) -> Result<(), Reason>| {
+            if kind.refuses(arg) {
+                return Ok(());
+            }
+            check(arg, f)
+        };
         if let Some(v) = get("x-expires") {
             parsed.expires = Some(
                 expiry(v)
@@ -183,7 +263,11 @@ impl QueueArgs {
             parsed.max_length_bytes =
                 Some(non_negative(v).map_err(|r| target.invalid("x-max-length-bytes", r))?);
         }
-        if let Some(v) = get("x-max-priority") {
+        for arg in ["x-max-in-memory-length", "x-max-in-memory-bytes"] {
+            // Quorum queues' memory caps; Hare's store pages out by itself.
+            check(arg, &|v| non_negative(v).map(drop))?;
+        }
+        if let Some(v) = get("x-max-priority").filter(|_| !kind.refuses("x-max-priority")) {
             let n = non_negative(v)
                 .and_then(|n| u8::try_from(n).map_err(|_| Reason::MaxExceeded(n.into())))
                 .map_err(|r| target.invalid("x-max-priority", r))?;
@@ -196,6 +280,9 @@ impl QueueArgs {
             {
                 "drop-head" => Overflow::DropHead,
                 "reject-publish" => Overflow::RejectPublish,
+                // RabbitMQ 3.10's quorum queues accept it but drop from the
+                // head (dead-lettering) as with drop-head.
+                "reject-publish-dlx" if kind == QueueType::Quorum => Overflow::DropHead,
                 "reject-publish-dlx" => Overflow::RejectPublishDlx,
                 _ => return Err(target.invalid("x-overflow", Reason::Atom("invalid_overflow"))),
             };
@@ -216,6 +303,41 @@ impl QueueArgs {
                 }
             };
         }
+        check("x-quorum-initial-group-size", &|v| match non_negative(v)? {
+            // One node whatever the size asked for: there is nothing to replicate to.
+            0 => Err(Reason::Zero),
+            _ => Ok(()),
+        })?;
+        check(
+            "x-dead-letter-strategy",
+            &|v| match long_string(v)?.as_str() {
+                // Hare's dead-lettering never loses a message in between, so
+                // both strategies behave as at-least-once.
+                "at-most-once" | "at-least-once" => Ok(()),
+                _ => Err(Reason::Atom("invalid_dlx_strategy")),
+            },
+        )?;
+        check(
+            "x-queue-leader-locator",
+            &|v| match long_string(v)?.as_str() {
+                // Where a leader goes matters only in a cluster.
+                "client-local" | "random" | "least-leaders" | "balanced" => Ok(()),
+                _ => Err(Reason::Atom("invalid_queue_locator_arg")),
+            },
+        )?;
+        if kind == QueueType::Quorum {
+            parsed.delivery_limit = get("x-delivery-limit")
+                .and_then(args::integer)
+                .map(|n| n.clamp(0, u64::MAX.into()) as u64);
+        }
+        // Arguments of another queue type, in the table's (sorted) order;
+        // RabbitMQ names the first in the order the client sent them.
+        if let Some(arg) = table.keys().find(|k| kind.refuses(k.as_str())) {
+            return Err(AmqpError::precondition(format!(
+                "invalid arg '{arg}' for queue '{queue}' in vhost '{vhost}' of queue type {}",
+                kind.module()
+            )));
+        }
         // Hare's own: RabbitMQ 3.10 ignores it; refused like the other integers.
         if let Some(v) = get("x-consumer-timeout") {
             parsed.consumer_timeout =
@@ -223,6 +345,35 @@ impl QueueArgs {
         }
         Ok(parsed)
     }
+}
+
+/// The declare's properties a queue type refuses, checked after its
+/// arguments. A quorum queue must be durable and outlive its declarer's
+/// connection and consumers, as RabbitMQ 3.10 requires (Hare could do
+/// otherwise, but clients must not come to depend on it).
+pub fn check_properties(
+    kind: QueueType,
+    durable: bool,
+    exclusive: bool,
+    auto_delete: bool,
+    queue: &str,
+    vhost: &str,
+) -> AmqpResult<()> {
+    if kind != QueueType::Quorum {
+        return Ok(());
+    }
+    let refused = if auto_delete {
+        "auto-delete"
+    } else if exclusive {
+        "exclusive-owner"
+    } else if !durable {
+        "non-durable"
+    } else {
+        return Ok(());
+    };
+    Err(AmqpError::precondition(format!(
+        "invalid property '{refused}' for queue '{queue}' in vhost '{vhost}'"
+    )))
 }
 
 /// basic.consume's `x-priority` (default 0). RabbitMQ takes any integer,
@@ -417,6 +568,46 @@ mod tests {
         assert!(t.ends_with("{max_value_exceeded,256}"), "{t}");
         let t = text(&[("x-queue-mode", AMQPValue::LongString("a\"b".into()))]);
         assert!(t.ends_with(r#""unsupported queue mode 'a\"b'""#), "{t}");
+    }
+
+    #[test]
+    fn quorum_arguments_follow_the_type() {
+        let quorum = |kv: &[(&str, AMQPValue)]| {
+            let mut t = table(kv);
+            t.insert(
+                "x-queue-type".into(),
+                AMQPValue::LongString("quorum".into()),
+            );
+            QueueArgs::parse(&t, "q", "/")
+        };
+        let a = quorum(&[
+            ("x-delivery-limit", AMQPValue::LongInt(-1)),
+            (
+                "x-overflow",
+                AMQPValue::LongString("reject-publish-dlx".into()),
+            ),
+        ])
+        .unwrap();
+        assert_eq!(a.queue_type, QueueType::Quorum);
+        assert_eq!(a.delivery_limit, Some(0));
+        assert_eq!(a.overflow, Overflow::DropHead);
+        let a = quorum(&[("x-delivery-limit", AMQPValue::LongString("a".into()))]).unwrap();
+        assert_eq!(a.delivery_limit, None);
+        // Refused by type before its value is looked at.
+        let t = quorum(&[("x-max-priority", AMQPValue::LongString("a".into()))])
+            .unwrap_err()
+            .text;
+        assert!(t.ends_with("of queue type rabbit_quorum_queue"), "{t}");
+        let t = text(&[("x-delivery-limit", AMQPValue::LongInt(1))]);
+        assert!(t.ends_with("of queue type rabbit_classic_queue"), "{t}");
+        assert!(check_properties(QueueType::Quorum, true, false, false, "q", "/").is_ok());
+        let t = check_properties(QueueType::Quorum, false, true, true, "q", "/")
+            .unwrap_err()
+            .text;
+        assert!(
+            t.ends_with("invalid property 'auto-delete' for queue 'q' in vhost '/'"),
+            "{t}"
+        );
     }
 
     #[test]

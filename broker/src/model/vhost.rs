@@ -11,7 +11,7 @@ use super::args;
 use super::delayed::{self, Delayed, DelayedRecord};
 use super::exchange::{Destination, Exchange, ExchangeKind, ExchangeOptions};
 use super::queue::{Queue, QueueCounts, QueueOptions, QueueSpec};
-use super::queue_args::{self, QueueArgs};
+use super::queue_args::{self, QueueArgs, QueueType};
 use super::records::{
     self, binding_record, encode_json, BindingRecord, ExchangeRecord, QueueRecord,
 };
@@ -29,20 +29,53 @@ const PREDECLARED: &[(&str, ExchangeKind)] = &[
     ("amq.match", ExchangeKind::Headers),
 ];
 
-/// Queue arguments whose values must match on redeclare (others are ignored, as in RabbitMQ).
-const COMPARED_QUEUE_ARGS: &[&str] = &[
+/// Queue arguments whose values must match on redeclare (others are
+/// ignored, as in RabbitMQ), per type of the existing queue, in the order
+/// RabbitMQ 3.10 compares them (which decides the one a mismatch names).
+/// A quorum queue ignores classic-only arguments on a redeclare and the
+/// other way round. `x-queue-type` is compared by meaning: absent and
+/// `classic` are the same type.
+const COMPARED_CLASSIC_ARGS: &[&str] = &[
+    "x-expires",
+    "x-message-ttl",
     "x-dead-letter-exchange",
     "x-dead-letter-routing-key",
-    "x-expires",
     "x-max-length",
     "x-max-length-bytes",
     "x-max-priority",
-    "x-message-ttl",
     "x-overflow",
     "x-queue-mode",
-    "x-queue-type",
     "x-single-active-consumer",
+    "x-queue-type",
+    "x-queue-master-locator",
 ];
+
+const COMPARED_QUORUM_ARGS: &[&str] = &[
+    "x-dead-letter-exchange",
+    "x-dead-letter-routing-key",
+    "x-dead-letter-strategy",
+    "x-expires",
+    "x-max-length",
+    "x-max-length-bytes",
+    "x-max-in-memory-length",
+    "x-max-in-memory-bytes",
+    "x-overflow",
+    "x-single-active-consumer",
+    "x-queue-type",
+    "x-quorum-initial-group-size",
+    "x-delivery-limit",
+    "x-message-ttl",
+    "x-queue-leader-locator",
+];
+
+/// The queue type an argument table names, for redeclare equivalence:
+/// no `x-queue-type` is a classic queue; `None` for a non-text value.
+fn type_name(arguments: &FieldTable) -> Option<String> {
+    match arguments.inner().get("x-queue-type") {
+        None => Some("classic".to_owned()),
+        Some(v) => args::text(v),
+    }
+}
 
 /// What a restart found on disk for one vhost.
 #[derive(Default)]
@@ -423,6 +456,15 @@ impl VHost {
         }
         // Only a queue being created is validated; a redeclare only compares.
         let args = QueueArgs::parse(&req.options.arguments, &name, &self.name)?;
+        let o = &req.options;
+        queue_args::check_properties(
+            args.queue_type,
+            o.durable,
+            o.exclusive,
+            o.auto_delete,
+            &name,
+            &self.name,
+        )?;
         let owner = req.options.exclusive.then_some(req.connection);
         // Exclusive queues die with their connection, so they never touch disk.
         let queue_store = match (&self.store, req.options.durable && !req.options.exclusive) {
@@ -484,10 +526,22 @@ impl VHost {
                 format!("'{}'", yes_no(have.auto_delete)),
             );
         }
-        for arg in COMPARED_QUEUE_ARGS {
+        let compared = match existing.args.queue_type {
+            QueueType::Classic => COMPARED_CLASSIC_ARGS,
+            QueueType::Quorum => COMPARED_QUORUM_ARGS,
+        };
+        let same_type = match (type_name(&wanted.arguments), type_name(&have.arguments)) {
+            (Some(a), Some(b)) => a == b,
+            _ => false,
+        };
+        for arg in compared {
             let a = wanted.arguments.inner().get(*arg);
             let b = have.arguments.inner().get(*arg);
-            if !args::same(a, b) {
+            let equivalent = match *arg {
+                "x-queue-type" => same_type,
+                _ => args::same(a, b),
+            };
+            if !equivalent {
                 return Err(AmqpError::precondition(format!(
                     "inequivalent arg '{arg}' for queue '{}' in vhost '{}': {}",
                     existing.name,

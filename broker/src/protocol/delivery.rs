@@ -297,8 +297,8 @@ impl ChannelShared {
             routing_key: m.routing_key.clone(),
             message_count: remaining,
         }));
-        self.outbox
-            .send_content(self.id, method, &m.raw_header, &m.body);
+        let header = queue.delivery_header(&message, true);
+        self.outbox.send_content(self.id, method, &header, &m.body);
         if !no_ack {
             st.unacked.push_back(Unacked {
                 tag,
@@ -360,8 +360,8 @@ impl DeliverySink for ChannelShared {
             exchange: m.exchange.clone(),
             routing_key: m.routing_key.clone(),
         }));
-        self.outbox
-            .send_content(self.id, method, &m.raw_header, &m.body);
+        let header = queue.delivery_header(&delivery.message, false);
+        self.outbox.send_content(self.id, method, &header, &m.body);
         if !delivery.no_ack {
             self.channel_in_flight.fetch_add(1, Ordering::Relaxed);
             st.unacked.push_back(Unacked {
