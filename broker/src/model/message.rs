@@ -3,6 +3,7 @@
 //! it byte for byte (amq-protocol's FieldTable is a BTreeMap and would reorder
 //! header keys on re-encoding).
 
+use amq_protocol::frame::{gen_frame, AMQPContentHeader, AMQPFrame, WriteContext};
 use amq_protocol::protocol::BasicProperties;
 use amq_protocol::types::{FieldTable, ShortString};
 use bytes::Bytes;
@@ -31,5 +32,28 @@ impl Message {
     /// at publish, so one that does not parse here means no expiry.
     pub fn expiration_ms(&self) -> Option<u64> {
         self.properties.expiration().as_ref()?.as_str().parse().ok()
+    }
+}
+
+/// A content header payload (class, weight, size, properties) for a message
+/// whose properties the broker changed (dead-lettering, direct reply-to);
+/// the frame envelope is added at delivery.
+pub fn encode_header(properties: &BasicProperties, body_size: u64) -> Bytes {
+    let frame = AMQPFrame::Header(
+        0,
+        AMQPContentHeader {
+            class_id: 60,
+            body_size,
+            properties: properties.clone(),
+        },
+    );
+    let encoded = gen_frame(&frame)(WriteContext::from(Vec::new())).map(|ctx| ctx.into_inner().0);
+    match encoded {
+        // Strip the 7-byte frame header and the frame-end octet.
+        Ok(buf) => Bytes::copy_from_slice(&buf[7..buf.len() - 1]),
+        Err(error) => {
+            tracing::error!(%error, "could not encode a rewritten message header");
+            Bytes::new()
+        }
     }
 }
