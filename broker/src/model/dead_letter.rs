@@ -6,12 +6,10 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use amq_protocol::frame::{gen_frame, AMQPContentHeader, AMQPFrame, WriteContext};
 use amq_protocol::protocol::BasicProperties;
 use amq_protocol::types::{AMQPValue, FieldArray, FieldTable, LongString, ShortString};
-use bytes::Bytes;
 
-use super::message::Message;
+use super::message::{encode_header, Message};
 use super::queue::{Queue, QueuedMessage};
 use super::sender_selected;
 use super::timers::now_ms;
@@ -270,26 +268,4 @@ fn without_expiration(p: &BasicProperties) -> BasicProperties {
         out = out.with_cluster_id(v.clone());
     }
     out
-}
-
-/// A content header payload (class, weight, size, properties) for a message
-/// whose properties we changed; the frame envelope is added at delivery.
-pub fn encode_header(properties: &BasicProperties, body_size: u64) -> Bytes {
-    let frame = AMQPFrame::Header(
-        0,
-        AMQPContentHeader {
-            class_id: 60,
-            body_size,
-            properties: properties.clone(),
-        },
-    );
-    let encoded = gen_frame(&frame)(WriteContext::from(Vec::new())).map(|ctx| ctx.into_inner().0);
-    match encoded {
-        // Strip the 7-byte frame header and the frame-end octet.
-        Ok(buf) => Bytes::copy_from_slice(&buf[7..buf.len() - 1]),
-        Err(error) => {
-            tracing::error!(%error, "could not encode a dead-lettered message's header");
-            Bytes::new()
-        }
-    }
 }

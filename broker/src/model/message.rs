@@ -3,6 +3,7 @@
 //! it byte for byte (amq-protocol's FieldTable is a BTreeMap and would reorder
 //! header keys on re-encoding).
 
+use amq_protocol::frame::{gen_frame, AMQPContentHeader, AMQPFrame, WriteContext};
 use amq_protocol::protocol::BasicProperties;
 use amq_protocol::types::{AMQPValue, FieldTable, ShortString};
 use bytes::Bytes;
@@ -49,5 +50,28 @@ pub fn quorum_header(message: &Message, delivery_count: u32, for_get: bool) -> B
         AMQPValue::LongLongInt(delivery_count.into()),
     );
     let properties = message.properties.clone().with_headers(headers);
-    super::dead_letter::encode_header(&properties, message.body.len() as u64)
+    encode_header(&properties, message.body.len() as u64)
+}
+
+/// A content header payload (class, weight, size, properties) for a message
+/// whose properties the broker changed (dead-lettering, direct reply-to);
+/// the frame envelope is added at delivery.
+pub fn encode_header(properties: &BasicProperties, body_size: u64) -> Bytes {
+    let frame = AMQPFrame::Header(
+        0,
+        AMQPContentHeader {
+            class_id: 60,
+            body_size,
+            properties: properties.clone(),
+        },
+    );
+    let encoded = gen_frame(&frame)(WriteContext::from(Vec::new())).map(|ctx| ctx.into_inner().0);
+    match encoded {
+        // Strip the 7-byte frame header and the frame-end octet.
+        Ok(buf) => Bytes::copy_from_slice(&buf[7..buf.len() - 1]),
+        Err(error) => {
+            tracing::error!(%error, "could not encode a rewritten message header");
+            Bytes::new()
+        }
+    }
 }

@@ -4,6 +4,7 @@
 pub mod args;
 pub mod dead_letter;
 pub mod delayed;
+pub mod direct_reply;
 pub mod exchange;
 pub mod headers;
 pub mod message;

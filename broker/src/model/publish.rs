@@ -10,6 +10,7 @@ use std::sync::Arc;
 use amq_protocol::types::FieldTable;
 
 use super::delayed;
+use super::direct_reply;
 use super::exchange::{Exchange, Route};
 use super::message::Message;
 use super::queue::{Enqueued, Queue};
@@ -45,6 +46,9 @@ impl VHost {
         exchange: Option<&Arc<Exchange>>,
         message: Arc<Message>,
     ) -> Published {
+        if exchange.is_none() && direct_reply::is_reserved(message.routing_key.as_str()) {
+            return self.publish_reply(message);
+        }
         let mut route = self.route(exchange, message.routing_key.as_str(), message.headers());
         for key in sender_selected::extra_keys(message.headers()) {
             self.route_into(exchange, key, message.headers(), &mut route);
@@ -59,6 +63,25 @@ impl VHost {
         };
         counter.fetch_add(1, Ordering::Relaxed);
         self.enqueue(&route.queues, message)
+    }
+
+    /// A reply to a direct reply-to name goes straight to the requesting
+    /// channel, or nowhere when it is gone. Either way no queue took it, so
+    /// it is not `routed`: as in RabbitMQ 3.10, a `mandatory` reply is
+    /// returned to its publisher even when it was delivered. (The metrics
+    /// still count a delivered reply as published out.)
+    fn publish_reply(&self, message: Arc<Message>) -> Published {
+        let delivered = self
+            .replies()
+            .deliver(message.routing_key.as_str(), &message);
+        let totals = &self.default_exchange().totals;
+        let counter = if delivered {
+            &totals.published_out
+        } else {
+            &totals.unroutable
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        Published::default()
     }
 
     /// The queues a message reaches. `None` is the default exchange, which

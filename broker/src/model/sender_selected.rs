@@ -9,8 +9,7 @@ use std::sync::Arc;
 use amq_protocol::types::{AMQPValue, FieldTable};
 
 use super::args::type_name;
-use super::dead_letter::encode_header;
-use super::message::Message;
+use super::message::{encode_header, Message};
 use crate::error::{AmqpError, AmqpResult};
 
 const HEADERS: [&str; 2] = ["CC", "BCC"];

@@ -9,6 +9,7 @@ use parking_lot::RwLock;
 
 use super::args;
 use super::delayed::{self, Delayed, DelayedRecord};
+use super::direct_reply::ReplyRoutes;
 use super::exchange::{Destination, Exchange, ExchangeKind, ExchangeOptions};
 use super::queue::{Queue, QueueCounts, QueueOptions, QueueSpec};
 use super::queue_args::{self, QueueArgs, QueueType};
@@ -108,6 +109,8 @@ pub struct VHost {
     me: Weak<VHost>,
     /// The nameless exchange, kept at hand: most publishes go to it.
     default_exchange: Arc<Exchange>,
+    /// Direct reply-to: private reply names and the channels they reach.
+    replies: ReplyRoutes,
 }
 
 /// A queue.declare request.
@@ -149,6 +152,7 @@ impl VHost {
             timers,
             me: me.clone(),
             default_exchange: system_exchange("", ExchangeKind::Direct),
+            replies: ReplyRoutes::default(),
         });
         for (ex_name, kind) in PREDECLARED {
             let exchange = if ex_name.is_empty() {
@@ -162,6 +166,11 @@ impl VHost {
                 .insert((*ex_name).to_owned(), exchange);
         }
         vhost
+    }
+
+    /// Direct reply-to's routes from reply names to requesting channels.
+    pub fn replies(&self) -> &ReplyRoutes {
+        &self.replies
     }
 
     pub(crate) fn default_exchange(&self) -> &Arc<Exchange> {

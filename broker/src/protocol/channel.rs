@@ -14,18 +14,21 @@ use amq_protocol::protocol::{
 use amq_protocol::types::ShortString;
 use bytes::{Bytes, BytesMut};
 
-use super::delivery::{ChannelShared, ConsumerRef, Unacked};
+use super::delivery::{ChannelShared, ConsumerRef, ReplyConsumer, Unacked};
 use super::outbox::Outbox;
 use crate::config::Config;
 use crate::error::{code, AmqpError, AmqpResult};
+use crate::model::direct_reply::{self, PSEUDO_QUEUE};
 use crate::model::exchange::Exchange;
-use crate::model::message::Message;
+use crate::model::message::{encode_header, Message};
 use crate::model::publish::Published;
 use crate::model::queue::{Consumer, Queue, QueueOptions};
 use crate::model::vhost::{generated_name, ExchangeDeclare, QueueDeclare, VHost};
 use crate::model::Broker;
 use crate::model::{queue_args, sender_selected};
 use crate::store::Store;
+
+mod reply_to;
 
 /// What a channel needs from its connection to handle a method.
 pub struct Context<'a> {
@@ -334,8 +337,21 @@ impl Channel {
 
     fn complete_publish(&mut self, ctx: &Context<'_>) -> AmqpResult<()> {
         let incoming = self.incoming.take().expect("content in progress");
-        let (properties, raw_header, _) = incoming.header.expect("header received");
+        let (mut properties, mut raw_header, body_size) = incoming.header.expect("header received");
         let publish = incoming.publish;
+        // RabbitMQ's order of checks: immediate, the exchange, direct
+        // reply-to, user_id, expiration.
+        if publish.immediate {
+            // RabbitMQ raises this once the content is complete, not at the method.
+            return Err(in_publish(AmqpError::connection(
+                code::NOT_IMPLEMENTED,
+                "immediate=true",
+            )));
+        }
+        let exchange = self.resolve_exchange(ctx, publish.exchange.as_str())?;
+        if self.fill_in_reply_to(&mut properties).map_err(in_publish)? {
+            raw_header = encode_header(&properties, body_size);
+        }
         if let Some(claimed) = properties.user_id() {
             if claimed.as_str() != ctx.user {
                 return Err(in_publish(AmqpError::precondition(format!(
@@ -344,13 +360,7 @@ impl Channel {
                 ))));
             }
         }
-        if publish.immediate {
-            // RabbitMQ raises this once the content is complete, not at the method.
-            return Err(in_publish(AmqpError::connection(
-                code::NOT_IMPLEMENTED,
-                "immediate=true",
-            )));
-        }
+        queue_args::message_expiration(&properties).map_err(in_publish)?;
         let message = Arc::new(Message {
             exchange: publish.exchange.clone(),
             routing_key: publish.routing_key.clone(),
@@ -358,9 +368,6 @@ impl Channel {
             raw_header: unpin(raw_header),
             body: unpin(incoming.body.freeze()),
         });
-        let exchange = self.resolve_exchange(ctx, publish.exchange.as_str())?;
-        // Checked after the exchange lookup, as RabbitMQ does; the lead wires the value.
-        queue_args::message_expiration(&message.properties).map_err(in_publish)?;
         sender_selected::check(&message).map_err(in_publish)?;
         if let Some(tx) = self.tx.as_mut() {
             tx.publishes.push((publish, message, exchange));
@@ -593,6 +600,10 @@ impl Channel {
         let vhost = ctx.vhost;
         let conn = ctx.connection_id;
         let (nowait, durable, ok) = match method {
+            Q::Declare(d) if direct_reply::is_reserved(d.queue.as_str()) => {
+                let ok = self.declare_reply_queue(ctx, d.queue.as_str())?;
+                (d.nowait, false, Q::DeclareOk(ok))
+            }
             Q::Declare(d) => {
                 let (queue, counts) = vhost.declare_queue(QueueDeclare {
                     name: d.queue.as_str(),
@@ -668,18 +679,16 @@ impl Channel {
 
     fn consume(&mut self, ctx: &Context<'_>, c: basic::Consume) -> AmqpResult<()> {
         let name = self.queue_name(&c.queue)?;
+        if name == PSEUDO_QUEUE {
+            return self.consume_replies(ctx, &c);
+        }
         let queue = ctx.vhost.queue(&name, ctx.connection_id)?;
         let tag: ShortString = if c.consumer_tag.as_str().is_empty() {
             generated_name("amq.ctag-").into()
         } else {
             c.consumer_tag.clone()
         };
-        if self.shared.has_consumer(&tag) {
-            return Err(AmqpError::connection(
-                code::NOT_ALLOWED,
-                format!("attempt to reuse consumer tag '{tag}'"),
-            ));
-        }
+        self.check_tag_unused(&tag)?;
         let priority = queue_args::consumer_priority(&c.arguments, &name, &ctx.vhost.name)?;
         let id = ctx.broker.next_id();
         self.shared.add_consumer(
@@ -717,9 +726,21 @@ impl Channel {
         accepted
     }
 
+    fn check_tag_unused(&self, tag: &ShortString) -> AmqpResult<()> {
+        if self.shared.has_consumer(tag) {
+            return Err(AmqpError::connection(
+                code::NOT_ALLOWED,
+                format!("attempt to reuse consumer tag '{tag}'"),
+            ));
+        }
+        Ok(())
+    }
+
     fn cancel(&mut self, ctx: &Context<'_>, tag: &ShortString) {
         if let Some(consumer) = self.shared.remove_consumer(tag) {
             release_consumer(ctx.vhost, &consumer);
+        } else {
+            self.cancel_replies(ctx, tag);
         }
     }
 
@@ -855,7 +876,11 @@ impl Channel {
         if let Some(tx) = self.tx.take() {
             unacked.extend(tx.settlements.into_iter().flat_map(|(taken, _)| taken));
         }
-        Detached { unacked, consumers }
+        Detached {
+            unacked,
+            consumers,
+            reply: self.shared.take_reply_consumer(None),
+        }
     }
 }
 
@@ -863,6 +888,8 @@ impl Channel {
 pub struct Detached {
     unacked: Vec<Unacked>,
     consumers: Vec<ConsumerRef>,
+    /// Its direct reply-to consumer, whose name must stop working.
+    reply: Option<ReplyConsumer>,
 }
 
 impl Detached {
@@ -875,6 +902,7 @@ impl Detached {
         for consumer in &self.consumers {
             release_consumer(vhost, consumer);
         }
+        reply_to::release_reply_name(vhost, self.reply);
     }
 }
 

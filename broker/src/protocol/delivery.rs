@@ -9,11 +9,13 @@ use std::time::{Duration, Instant};
 
 use amq_protocol::protocol::{basic, AMQPClass};
 use amq_protocol::types::ShortString;
+use bytes::Bytes;
 use metrics::Histogram;
 use parking_lot::Mutex;
 
 use super::outbox::Outbox;
 use crate::error::{AmqpError, AmqpResult};
+use crate::model::direct_reply::ReplySink;
 use crate::model::message::Message;
 use crate::model::queue::{Delivery, DeliverySink, Queue, QueuedMessage};
 use crate::store::{FlushWaiter, Store};
@@ -37,11 +39,46 @@ pub struct ConsumerRef {
     pub queue: Arc<Queue>,
 }
 
+/// The channel's direct reply-to consumer: no queue behind it, only the
+/// private reply name that routes replies here.
+#[derive(Clone)]
+pub struct ReplyConsumer {
+    pub tag: ShortString,
+    pub name: String,
+}
+
 #[derive(Default)]
 struct DeliveryState {
     next_tag: u64,
     unacked: VecDeque<Unacked>,
     consumers: HashMap<ShortString, ConsumerRef>,
+    reply: Option<ReplyConsumer>,
+}
+
+impl DeliveryState {
+    /// Numbers a delivery and queues its frames: the one path for consumers
+    /// of queues and the reply consumer alike.
+    fn send_deliver(
+        &mut self,
+        outbox: &Outbox,
+        channel: u16,
+        consumer_tag: &ShortString,
+        redelivered: bool,
+        content: &Message,
+        header: &Bytes,
+    ) -> u64 {
+        let tag = self.next_tag;
+        self.next_tag += 1;
+        let method = AMQPClass::Basic(basic::AMQPMethod::Deliver(basic::Deliver {
+            consumer_tag: consumer_tag.clone(),
+            delivery_tag: tag,
+            redelivered,
+            exchange: content.exchange.clone(),
+            routing_key: content.routing_key.clone(),
+        }));
+        outbox.send_content(channel, method, header, &content.body);
+        tag
+    }
 }
 
 pub struct ChannelShared {
@@ -194,8 +231,28 @@ impl ChannelShared {
         self.state.lock().consumers.insert(tag, consumer);
     }
 
+    /// Whether `tag` names a consumer of this channel, the reply consumer included.
     pub fn has_consumer(&self, tag: &ShortString) -> bool {
-        self.state.lock().consumers.contains_key(tag)
+        let st = self.state.lock();
+        st.consumers.contains_key(tag) || st.reply.as_ref().is_some_and(|r| &r.tag == tag)
+    }
+
+    /// The direct reply-to consumer, if one is set.
+    pub fn reply_consumer(&self) -> Option<ReplyConsumer> {
+        self.state.lock().reply.clone()
+    }
+
+    pub fn set_reply_consumer(&self, reply: ReplyConsumer) {
+        self.state.lock().reply = Some(reply);
+    }
+
+    /// Removes the reply consumer: all of it, or only when `tag` is its tag.
+    pub fn take_reply_consumer(&self, tag: Option<&ShortString>) -> Option<ReplyConsumer> {
+        let mut st = self.state.lock();
+        match (&st.reply, tag) {
+            (Some(r), Some(tag)) if &r.tag != tag => None,
+            _ => st.reply.take(),
+        }
     }
 
     pub fn remove_consumer(&self, tag: &ShortString) -> Option<ConsumerRef> {
@@ -329,6 +386,30 @@ impl FlushWaiter for ChannelShared {
     }
 }
 
+impl ReplySink for ChannelShared {
+    /// A reply is a no-ack delivery to the reply consumer. It does not wait
+    /// for room in the outbox: the replying publisher must not be held up by
+    /// a slow requester (RabbitMQ, too, queues replies to the channel).
+    fn deliver_reply(&self, message: &Arc<Message>) {
+        let mut st = self.state.lock();
+        if self.closed.load(Ordering::Acquire) {
+            return;
+        }
+        let Some(reply) = st.reply.as_ref() else {
+            return;
+        };
+        let consumer_tag = reply.tag.clone();
+        st.send_deliver(
+            &self.outbox,
+            self.id,
+            &consumer_tag,
+            false,
+            message,
+            &message.raw_header,
+        );
+    }
+}
+
 impl DeliverySink for ChannelShared {
     fn can_accept(&self) -> bool {
         if self.closed.load(Ordering::Relaxed) {
@@ -350,18 +431,15 @@ impl DeliverySink for ChannelShared {
         {
             return Err(delivery.message);
         }
-        let tag = st.next_tag;
-        st.next_tag += 1;
-        let m = &delivery.content;
-        let method = AMQPClass::Basic(basic::AMQPMethod::Deliver(basic::Deliver {
-            consumer_tag: delivery.consumer_tag.clone(),
-            delivery_tag: tag,
-            redelivered: delivery.message.redelivered,
-            exchange: m.exchange.clone(),
-            routing_key: m.routing_key.clone(),
-        }));
         let header = queue.delivery_header(&delivery.message, false);
-        self.outbox.send_content(self.id, method, &header, &m.body);
+        let tag = st.send_deliver(
+            &self.outbox,
+            self.id,
+            delivery.consumer_tag,
+            delivery.message.redelivered,
+            &delivery.content,
+            &header,
+        );
         if !delivery.no_ack {
             self.channel_in_flight.fetch_add(1, Ordering::Relaxed);
             st.unacked.push_back(Unacked {
