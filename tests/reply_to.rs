@@ -15,6 +15,20 @@ async fn consume_replies(ch: &Channel) -> Consumer {
     consume(ch, REPLY_TO, true).await
 }
 
+/// basic.consume whose outcome the test judges.
+async fn try_consume(ch: &Channel, queue: &str, no_ack: bool) -> lapin::Result<Consumer> {
+    within(ch.basic_consume(
+        queue.into(),
+        "".into(),
+        BasicConsumeOptions {
+            no_ack,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    ))
+    .await
+}
+
 fn asking_for_reply() -> BasicProperties {
     BasicProperties::default().with_reply_to(REPLY_TO.into())
 }
@@ -219,13 +233,7 @@ async fn misuse_is_refused_as_rabbitmq_does() {
         if with_reply_consumer {
             consume_replies(&ch).await;
         }
-        let res = within(ch.basic_consume(
-            REPLY_TO.into(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        ))
-        .await;
+        let res = try_consume(&ch, REPLY_TO, false).await;
         assert_eq!(
             expect_channel_error(res, 406),
             "PRECONDITION_FAILED - reply consumer cannot acknowledge"
@@ -235,16 +243,7 @@ async fn misuse_is_refused_as_rabbitmq_does() {
     // One reply consumer per channel.
     let ch = ctx.channel().await;
     consume_replies(&ch).await;
-    let res = within(ch.basic_consume(
-        REPLY_TO.into(),
-        "".into(),
-        BasicConsumeOptions {
-            no_ack: true,
-            ..Default::default()
-        },
-        FieldTable::default(),
-    ))
-    .await;
+    let res = try_consume(&ch, REPLY_TO, true).await;
     assert_eq!(
         expect_channel_error(res, 406),
         "PRECONDITION_FAILED - reply consumer already set"
@@ -299,16 +298,7 @@ async fn misuse_is_refused_as_rabbitmq_does() {
 
     // A reply name is not a queue to consume from.
     let ch = ctx.channel().await;
-    let res = within(ch.basic_consume(
-        "amq.rabbitmq.reply-to.made-up".into(),
-        "".into(),
-        BasicConsumeOptions {
-            no_ack: true,
-            ..Default::default()
-        },
-        FieldTable::default(),
-    ))
-    .await;
+    let res = try_consume(&ch, "amq.rabbitmq.reply-to.made-up", true).await;
     assert_eq!(
         expect_channel_error(res, 404),
         "NOT_FOUND - no queue 'amq.rabbitmq.reply-to.made-up' in vhost '/'"
