@@ -986,3 +986,64 @@ async fn bodies_of_various_sizes_round_trip() {
     drop(c);
     delete_queue(&ctx.ch, &q).await;
 }
+
+/// A channel that deletes a queue its own consumer reads gets the delete-ok
+/// first and the consumer's basic.cancel after it, as from RabbitMQ (amqplib
+/// takes the cancel as the end of the channel's work and closes it: a
+/// delete-ok still to come was lost, failing its "cancelled consumer" test).
+#[tokio::test]
+async fn deleting_a_consumed_queue_answers_delete_ok_before_the_cancel() {
+    use amq_protocol::frame::AMQPFrame;
+    use amq_protocol::protocol::{basic, queue, AMQPClass};
+    use common::raw::{method, Handshake, Raw};
+
+    let broker = hare_suite::TestBroker::start();
+    let opts = Handshake {
+        consumer_cancel_notify: true,
+        ..Handshake::default()
+    };
+    let mut raw = Raw::open_with(broker.addr(), &opts).await;
+    raw.open_channel(1).await;
+    let name = unique("delete-consumed");
+    raw.declare(1, &name, false).await;
+    raw.send(&method(
+        1,
+        AMQPClass::Basic(basic::AMQPMethod::Consume(basic::Consume {
+            queue: name.as_str().into(),
+            consumer_tag: "c1".into(),
+            no_ack: true,
+            ..Default::default()
+        })),
+    ))
+    .await;
+    assert!(matches!(
+        raw.next().await,
+        Some(AMQPFrame::Method(1, AMQPClass::Basic(basic::AMQPMethod::ConsumeOk(_))))
+    ));
+    raw.send(&method(
+        1,
+        AMQPClass::Queue(queue::AMQPMethod::Delete(queue::Delete {
+            queue: name.as_str().into(),
+            ..Default::default()
+        })),
+    ))
+    .await;
+    let first = raw.next().await;
+    assert!(
+        matches!(
+            first,
+            Some(AMQPFrame::Method(1, AMQPClass::Queue(queue::AMQPMethod::DeleteOk(_))))
+        ),
+        "expected queue.delete-ok first, got {first:?}"
+    );
+    let second = raw.next().await;
+    assert!(
+        matches!(
+            &second,
+            Some(AMQPFrame::Method(1, AMQPClass::Basic(basic::AMQPMethod::Cancel(c))))
+                if c.consumer_tag.as_str() == "c1"
+        ),
+        "expected basic.cancel after it, got {second:?}"
+    );
+    raw.close().await;
+}

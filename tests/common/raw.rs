@@ -106,6 +106,8 @@ pub struct Handshake {
     pub auth_failure_close: bool,
     /// Announce `connection.blocked` to hear about resource alarms.
     pub connection_blocked: bool,
+    /// Announce `consumer_cancel_notify` to hear of consumers the server cancels.
+    pub consumer_cancel_notify: bool,
 }
 
 impl Default for Handshake {
@@ -119,6 +121,7 @@ impl Default for Handshake {
             heartbeat: 0,
             auth_failure_close: true,
             connection_blocked: false,
+            consumer_cancel_notify: false,
         }
     }
 }
@@ -173,6 +176,9 @@ impl Raw {
         }
         if opts.connection_blocked {
             caps.insert("connection.blocked".into(), AMQPValue::Boolean(true));
+        }
+        if opts.consumer_cancel_notify {
+            caps.insert("consumer_cancel_notify".into(), AMQPValue::Boolean(true));
         }
         if !caps.inner().is_empty() {
             client_properties.insert("capabilities".into(), AMQPValue::FieldTable(caps));

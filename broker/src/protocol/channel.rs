@@ -14,7 +14,9 @@ use amq_protocol::protocol::{
 use amq_protocol::types::ShortString;
 use bytes::{Bytes, BytesMut};
 
-use super::delivery::{ChannelShared, ConsumerRef, ReplyConsumer, Unacked};
+use super::delivery::{
+    with_own_cancels_deferred, ChannelShared, ConsumerRef, ReplyConsumer, Unacked,
+};
 use super::outbox::Outbox;
 use crate::config::Config;
 use crate::error::{code, AmqpError, AmqpResult};
@@ -599,6 +601,8 @@ impl Channel {
         use queue::AMQPMethod as Q;
         let vhost = ctx.vhost;
         let conn = ctx.connection_id;
+        // Sent after the reply (see `with_own_cancels_deferred`).
+        let mut then = Vec::new();
         let (nowait, durable, ok) = match method {
             Q::Declare(d) if direct_reply::is_reserved(d.queue.as_str()) => {
                 let ok = self.declare_reply_queue(ctx, d.queue.as_str())?;
@@ -662,7 +666,11 @@ impl Channel {
             }
             Q::Delete(d) => {
                 let name = self.queue_name(&d.queue)?;
-                let message_count = vhost.delete_queue(&name, conn, d.if_unused, d.if_empty)?;
+                let (deleted, cancels) = with_own_cancels_deferred(&self.shared, || {
+                    vhost.delete_queue(&name, conn, d.if_unused, d.if_empty)
+                });
+                then = cancels;
+                let message_count = deleted?;
                 (
                     d.nowait,
                     true,
@@ -673,6 +681,9 @@ impl Channel {
         };
         if !nowait {
             self.reply_after_flush(ctx, durable, AMQPClass::Queue(ok));
+        }
+        for method in then {
+            self.reply_after_flush(ctx, durable, method);
         }
         Ok(())
     }

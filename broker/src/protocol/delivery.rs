@@ -462,13 +462,47 @@ impl DeliverySink for ChannelShared {
             }
         };
         if removed && self.cancel_notify && !self.closed.load(Ordering::Relaxed) {
-            self.outbox.send_method(
-                self.id,
-                AMQPClass::Basic(basic::AMQPMethod::Cancel(basic::Cancel {
-                    consumer_tag: consumer_tag.clone(),
-                    nowait: true,
-                })),
-            );
+            let cancel = AMQPClass::Basic(basic::AMQPMethod::Cancel(basic::Cancel {
+                consumer_tag: consumer_tag.clone(),
+                nowait: true,
+            }));
+            let me = self as *const ChannelShared as usize;
+            let deferred = DEFERRED_CANCELS.with(|d| match d.borrow_mut().as_mut() {
+                Some((channel, cancels)) if *channel == me => {
+                    cancels.push(cancel.clone());
+                    true
+                }
+                _ => false,
+            });
+            if !deferred {
+                self.outbox.send_method(self.id, cancel);
+            }
         }
     }
+}
+
+thread_local! {
+    /// While a channel deletes a queue: that channel, and the cancels of its
+    /// own consumers of the queue, held back to follow the delete-ok.
+    static DEFERRED_CANCELS: std::cell::RefCell<Option<(usize, Vec<AMQPClass>)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Runs `f` (a queue deletion by `channel`) and returns, besides its result,
+/// the `basic.cancel`s of `channel`'s own consumers it caused, to send after
+/// the delete-ok: RabbitMQ answers in that order, and a client that takes
+/// the cancel as the end of the channel's work (amqplib's tests) must not
+/// find the delete-ok still missing.
+pub fn with_own_cancels_deferred<R>(
+    channel: &ChannelShared,
+    f: impl FnOnce() -> R,
+) -> (R, Vec<AMQPClass>) {
+    let me = channel as *const ChannelShared as usize;
+    DEFERRED_CANCELS.with(|d| *d.borrow_mut() = Some((me, Vec::new())));
+    let result = f();
+    let cancels = DEFERRED_CANCELS
+        .with(|d| d.borrow_mut().take())
+        .map(|(_, cancels)| cancels)
+        .unwrap_or_default();
+    (result, cancels)
 }
