@@ -1018,7 +1018,10 @@ async fn deleting_a_consumed_queue_answers_delete_ok_before_the_cancel() {
     .await;
     assert!(matches!(
         raw.next().await,
-        Some(AMQPFrame::Method(1, AMQPClass::Basic(basic::AMQPMethod::ConsumeOk(_))))
+        Some(AMQPFrame::Method(
+            1,
+            AMQPClass::Basic(basic::AMQPMethod::ConsumeOk(_))
+        ))
     ));
     raw.send(&method(
         1,
@@ -1032,7 +1035,10 @@ async fn deleting_a_consumed_queue_answers_delete_ok_before_the_cancel() {
     assert!(
         matches!(
             first,
-            Some(AMQPFrame::Method(1, AMQPClass::Queue(queue::AMQPMethod::DeleteOk(_))))
+            Some(AMQPFrame::Method(
+                1,
+                AMQPClass::Queue(queue::AMQPMethod::DeleteOk(_))
+            ))
         ),
         "expected queue.delete-ok first, got {first:?}"
     );

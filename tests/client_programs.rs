@@ -1,16 +1,18 @@
-//! Runs third-party Python client suites (tests/python/*.py) against the broker.
+//! Runs programs written with other languages' AMQP clients against the
+//! broker: pika (`tests/python/`) and amqplib for Node.js (`tests/node/`).
 //!
 //! Our other tests speak AMQP through lapin or raw frames; a broker that only
 //! agrees with the client it was developed against is not a RabbitMQ drop-in.
-//! pika has its own codec and its own expectations about replies, so running
-//! a real pika program catches field-table, property-flag and error-mapping
-//! differences that a Rust-only suite would share with the broker.
+//! pika and amqplib have their own codecs and their own expectations about
+//! replies and their order, so running real programs catches differences
+//! that a Rust-only suite would share with the broker.
 //!
-//! The script is never skipped: if pika is missing it is installed first, so
-//! a machine without it fails loudly instead of passing vacuously.
+//! The programs are never skipped: a missing client (or Node.js itself) is
+//! installed first, so a machine without it fails loudly instead of passing
+//! vacuously.
 
 use std::io::Read;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -21,7 +23,8 @@ use hare_suite::TestBroker;
 /// this also covers interpreter start-up on a loaded CI machine).
 const SCRIPT_TIMEOUT: Duration = Duration::from_secs(120);
 
-/// Bound for `pip install pika`, the only step that touches the network.
+/// Bound for installing a client (`pip`, `npm`, `apt-get`), the only steps
+/// that touch the network.
 const INSTALL_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// What a finished (or killed) child process left behind.
@@ -109,22 +112,54 @@ fn ensure_pika() {
     );
 }
 
-/// pika's view of the broker: properties and header types round-trip, confirms,
-/// mandatory returns, ack/nack/reject with requeue, and 404 as pika's exception.
-#[test]
-fn pika_smoke() {
-    ensure_pika();
+/// Makes sure `node` runs and amqplib is in `tests/node/node_modules`,
+/// installing Node.js (Debian's package) and amqplib (npm) when missing.
+fn ensure_amqplib(dir: &Path) {
+    let has_node = Command::new("node")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !has_node {
+        let mut update = Command::new("apt-get");
+        update.args(["update", "-qq"]);
+        run(update, INSTALL_TIMEOUT);
+        let mut install = Command::new("apt-get");
+        install.args(["install", "-y", "-qq", "nodejs", "npm"]);
+        let outcome = run(install, INSTALL_TIMEOUT);
+        assert!(
+            outcome.success,
+            "node is missing and `apt-get install -y nodejs npm` failed\n{}",
+            outcome.transcript()
+        );
+    }
+    if dir.join("node_modules/amqplib/package.json").exists() {
+        return;
+    }
+    let mut install = Command::new("npm");
+    install
+        .args(["install", "--no-audit", "--no-fund", "--silent"])
+        .current_dir(dir);
+    let outcome = run(install, INSTALL_TIMEOUT);
+    assert!(
+        outcome.success,
+        "`npm install` of amqplib in {} failed\n{}",
+        dir.display(),
+        outcome.transcript()
+    );
+}
+
+/// A path under the repository.
+fn repo_path(parts: &[&str]) -> PathBuf {
+    let mut path = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    path.extend(parts);
+    path
+}
+
+/// Runs `program script url` against a fresh broker and asserts it succeeds.
+fn run_against_broker(program: &str, script: &Path) {
     let broker = TestBroker::start();
-    let script: PathBuf = [
-        env!("CARGO_MANIFEST_DIR"),
-        "tests",
-        "python",
-        "pika_smoke.py",
-    ]
-    .iter()
-    .collect();
-    let mut command = Command::new("python3");
-    command.arg(&script).arg(broker.url());
+    let mut command = Command::new(program);
+    command.arg(script).arg(broker.url());
     let outcome = run(command, SCRIPT_TIMEOUT);
     assert!(
         outcome.success,
@@ -134,4 +169,23 @@ fn pika_smoke() {
         outcome.transcript()
     );
     println!("{}", outcome.stdout);
+}
+
+/// pika's view of the broker: properties and header types round-trip, confirms,
+/// mandatory returns, ack/nack/reject with requeue, and 404 as pika's exception.
+#[test]
+fn pika_smoke() {
+    ensure_pika();
+    run_against_broker("python3", &repo_path(&["tests", "python", "pika_smoke.py"]));
+}
+
+/// amqplib's view of the broker, for what amqplib's own test suite caught:
+/// the close handshake with publishes still buffered, delete-ok before the
+/// cancel of the deleting channel's consumer, direct reply-to, CC/BCC and a
+/// quorum queue declaration.
+#[test]
+fn amqplib_checks() {
+    let dir = repo_path(&["tests", "node"]);
+    ensure_amqplib(&dir);
+    run_against_broker("node", &dir.join("amqplib_checks.js"));
 }
