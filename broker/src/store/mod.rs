@@ -483,11 +483,17 @@ impl Store {
         // The logs first: sled's bookkeeping may point into them.
         let logs = std::mem::take(&mut *self.dirty_logs.lock());
         let mut drained = Vec::with_capacity(logs.len());
-        for log in logs {
+        let mut logs = logs.into_iter();
+        while let Some(log) = logs.next() {
             log.dirty.store(false, Ordering::Release);
             match log.sync() {
                 Ok(doomed) => drained.push((log, doomed)),
                 Err(error) => {
+                    // The logs not reached yet are tried again with the next flush.
+                    for rest in logs {
+                        rest.dirty.store(false, Ordering::Release);
+                        self.log_dirty(&rest);
+                    }
                     self.fail(&error);
                     return false;
                 }
