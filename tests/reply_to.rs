@@ -4,7 +4,7 @@
 mod common;
 
 use common::*;
-use lapin::options::{BasicConsumeOptions, BasicGetOptions, BasicPublishOptions};
+use lapin::options::{BasicGetOptions, BasicPublishOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Confirmation, Consumer};
 
@@ -13,20 +13,6 @@ const REPLY_TO: &str = "amq.rabbitmq.reply-to";
 /// Starts the channel's reply consumer (no-ack, as direct reply-to demands).
 async fn consume_replies(ch: &Channel) -> Consumer {
     consume(ch, REPLY_TO, true).await
-}
-
-/// basic.consume whose outcome the test judges.
-async fn try_consume(ch: &Channel, queue: &str, no_ack: bool) -> lapin::Result<Consumer> {
-    within(ch.basic_consume(
-        queue.into(),
-        "".into(),
-        BasicConsumeOptions {
-            no_ack,
-            ..Default::default()
-        },
-        FieldTable::default(),
-    ))
-    .await
 }
 
 fn asking_for_reply() -> BasicProperties {

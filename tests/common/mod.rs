@@ -400,6 +400,13 @@ pub async fn send(ch: &Channel, queue: &str, body: &[u8]) {
 
 /// Starts a consumer with a server-generated tag.
 pub async fn consume(ch: &Channel, queue: &str, no_ack: bool) -> Consumer {
+    try_consume(ch, queue, no_ack)
+        .await
+        .unwrap_or_else(|e| panic!("consume {queue}: {e}"))
+}
+
+/// basic.consume whose outcome the test judges.
+pub async fn try_consume(ch: &Channel, queue: &str, no_ack: bool) -> lapin::Result<Consumer> {
     within(ch.basic_consume(
         queue.into(),
         "".into(),
@@ -410,7 +417,6 @@ pub async fn consume(ch: &Channel, queue: &str, no_ack: bool) -> Consumer {
         FieldTable::default(),
     ))
     .await
-    .unwrap_or_else(|e| panic!("consume {queue}: {e}"))
 }
 
 /// Cancels `consumer` and waits for cancel-ok (dropping a lapin consumer only
