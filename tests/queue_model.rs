@@ -109,6 +109,7 @@ use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer
 use proptest::prelude::*;
 use proptest::test_runner::{Config, FileFailurePersistence, TestCaseError, TestError, TestRunner};
 
+use common::crash::strip_ansi;
 use common::process::{restart_process, start_process};
 
 /// Upper bound for one AMQP round trip or one expected delivery.
@@ -1419,24 +1420,6 @@ impl Harness {
         }
         log
     }
-}
-
-/// The broker colours its log even into a file.
-fn strip_ansi(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut chars = text.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 /// Runs one sequence against a fresh broker and queue; `Err` says what

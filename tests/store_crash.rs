@@ -34,7 +34,7 @@ use lapin::options::{
     QueueDeclareOptions, QueueDeleteOptions, QueuePurgeOptions,
 };
 use lapin::types::FieldTable;
-use lapin::{Channel, Confirmation, Connection, Event, ExchangeKind};
+use lapin::{Channel, Confirmation, Connection, Consumer, Event, ExchangeKind};
 
 const NOT_FOUND: u16 = 404;
 const INTERNAL_ERROR: u16 = 541;
@@ -72,6 +72,23 @@ async fn declare_durable(ch: &Channel, name: &str) {
     within(ch.queue_declare(name.into(), durable(), FieldTable::default()))
         .await
         .unwrap_or_else(|e| panic!("declare durable queue {name}: {e}"));
+}
+
+/// A manual-ack consumer of `queue` on a new channel with `prefetch`.
+async fn manual_ack_consumer(conn: &Connection, queue: &str, prefetch: u16) -> (Channel, Consumer) {
+    let ch = channel(conn).await;
+    within(ch.basic_qos(prefetch, BasicQosOptions::default()))
+        .await
+        .expect("basic.qos");
+    let consumer = within(ch.basic_consume(
+        queue.into(),
+        "".into(),
+        BasicConsumeOptions::default(),
+        FieldTable::default(),
+    ))
+    .await
+    .expect("basic.consume");
+    (ch, consumer)
 }
 
 /// Passive queue.declare on a fresh channel (a 404 closes the channel).
@@ -392,18 +409,7 @@ async fn acks_reach_the_disk_within_a_second_without_other_traffic() {
         declare_durable(&ch, "acks.q").await;
         confirm_select(&ch).await;
         publish_persistent(&ch, "acks.q", 200, 100, Duration::from_secs(30)).await;
-        let consume_ch = channel(&conn).await;
-        within(consume_ch.basic_qos(50, BasicQosOptions::default()))
-            .await
-            .expect("basic.qos");
-        let mut consumer = within(consume_ch.basic_consume(
-            "acks.q".into(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        ))
-        .await
-        .expect("basic.consume");
+        let (consume_ch, mut consumer) = manual_ack_consumer(&conn, "acks.q", 50).await;
         for _ in 0..200 {
             let delivery = within(consumer.next())
                 .await
@@ -1080,18 +1086,7 @@ async fn disk_space_of_a_drained_backlog_comes_back_while_running() {
     publish_persistent(&ch, "space.q", HUGE, 1024, FILL_LIMIT).await;
     let full = allocated_bytes(&scratch.data());
 
-    let consume_ch = channel(&conn).await;
-    within(consume_ch.basic_qos(1000, BasicQosOptions::default()))
-        .await
-        .expect("basic.qos");
-    let mut consumer = within(consume_ch.basic_consume(
-        "space.q".into(),
-        "".into(),
-        BasicConsumeOptions::default(),
-        FieldTable::default(),
-    ))
-    .await
-    .expect("basic.consume");
+    let (_consume_ch, mut consumer) = manual_ack_consumer(&conn, "space.q", 1000).await;
     let drain = async {
         for i in 1..=HUGE {
             let delivery = within(consumer.next())

@@ -69,7 +69,7 @@ impl Drop for Scratch {
 }
 
 /// `text` without its ANSI colour sequences (the broker's log has them).
-fn strip_ansi(text: &str) -> String {
+pub fn strip_ansi(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     let mut chars = text.chars();
     while let Some(c) = chars.next() {
