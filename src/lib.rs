@@ -146,7 +146,17 @@ impl BrokerProcess {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
             .port();
-        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        Self::start_on(binary, data_dir, ([127, 0, 0, 1], port).into(), extra)
+    }
+
+    /// Like [`BrokerProcess::start`] on a given address, e.g. the one a
+    /// killed broker listened on, for clients that reconnect to it.
+    pub fn start_on(
+        binary: &str,
+        data_dir: &std::path::Path,
+        addr: SocketAddr,
+        extra: &[&str],
+    ) -> std::io::Result<Self> {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -193,6 +203,10 @@ impl BrokerProcess {
 
     pub fn url(&self) -> String {
         format!("amqp://guest:guest@{}/%2f", self.addr)
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
     }
 
     /// SIGKILL: no chance to flush or close anything.

@@ -24,6 +24,7 @@ pub use hare_suite::TestBroker;
 pub mod args;
 pub mod crash;
 pub mod process;
+pub mod rabbitmq;
 pub mod raw;
 
 /// Upper bound for any single wait on the broker.

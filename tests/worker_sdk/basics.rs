@@ -1,0 +1,202 @@
+//! The happy paths: tasks kept before any worker exists, RPC with progress,
+//! events fanned out to groups, status events, batches.
+
+use std::time::Duration;
+
+use hare_worker::{Client, Context, Error, Event, JobState, Task, TaskError, Update, Worker};
+use serde::{Deserialize, Serialize};
+
+use crate::on_both;
+use crate::support::{self, spawn, watch_status, Log, Target};
+
+#[derive(Serialize, Deserialize, Clone, Debug)]
+struct Double {
+    n: u32,
+}
+
+impl Task for Double {
+    const NAME: &'static str = "sdk-test.double";
+    type Output = u32;
+}
+
+async fn double(task: Double, ctx: Context) -> Result<u32, TaskError> {
+    if task.n == 99 {
+        for percent in [10.0, 50.0, 90.0] {
+            ctx.progress(percent, format!("at {percent}")).await;
+        }
+    }
+    Ok(task.n * 2)
+}
+
+/// A task enqueued before any worker started is kept (producers declare the
+/// queue too), runs once a worker comes, and its status events say so, in
+/// order, with the output. RPC returns the handler's output and progress
+/// arrives in order before the result.
+async fn enqueued_before_workers_runs_and_reports(target: Target) {
+    let url = target.url();
+    let (_watch, mut status) = watch_status(&url, "sdk-test.double.*").await;
+    let client = Client::connect(&url).await.expect("client");
+    let early = client.enqueue(&Double { n: 7 }).await.expect("enqueue");
+    assert_eq!(
+        support::ready(&url, Double::QUEUE).await,
+        1,
+        "kept with no worker"
+    );
+
+    let worker = spawn(
+        Worker::builder(&url, &support::unique("doubler"))
+            .concurrency(2)
+            .task::<Double, _>(double),
+    );
+    let started = support::next_status(&mut status).await;
+    assert_eq!(
+        (started.job_id.as_str(), started.state),
+        (early.as_str(), JobState::Started)
+    );
+    let done = support::next_status(&mut status).await;
+    assert_eq!(done.state, JobState::Succeeded);
+    assert_eq!(done.output, Some(serde_json::json!(14)));
+
+    let answer = client
+        .call(&Double { n: 21 }, Duration::from_secs(10))
+        .await
+        .expect("call");
+    assert_eq!(answer, 42);
+
+    let mut submitted = client.submit(&Double { n: 99 }).await.expect("submit");
+    let mut seen = Vec::new();
+    while let Some(update) = tokio::time::timeout(Duration::from_secs(10), submitted.next())
+        .await
+        .expect("update in time")
+    {
+        match update {
+            Update::Progress { percent, .. } => seen.push(percent),
+            Update::Done(result) => {
+                assert_eq!(result.expect("result"), 198);
+                break;
+            }
+        }
+    }
+    assert_eq!(
+        seen,
+        vec![10.0, 50.0, 90.0],
+        "progress in order, before the result"
+    );
+    worker.stop().await.expect("clean stop");
+    client.close().await;
+}
+on_both!(enqueued_before_workers_runs_and_reports);
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+struct Uploaded {
+    id: String,
+}
+
+impl Event for Uploaded {
+    const NAME: &'static str = "sdk-test.video.uploaded";
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug)]
+struct NobodyListens;
+
+impl Event for NobodyListens {
+    const NAME: &'static str = "sdk-test.nobody.listens";
+}
+
+/// One event, published once, reaches each consumer group once; an event
+/// no group subscribed to is an error, not a silent drop.
+async fn events_reach_every_group_once(target: Target) {
+    let url = target.url();
+    let (transcoded, captioned) = (Log::default(), Log::default());
+    let names = [support::unique("transcoder"), support::unique("captioner")];
+    let group = |name: &str, log: &Log<String>| {
+        let log = log.clone();
+        spawn(
+            Worker::builder(&url, name).on::<Uploaded, _>(move |e: Uploaded, _ctx: Context| {
+                let log = log.clone();
+                async move {
+                    log.push(e.id);
+                    Ok::<(), TaskError>(())
+                }
+            }),
+        )
+    };
+    let (a, b) = (group(&names[0], &transcoded), group(&names[1], &captioned));
+    // A group consumes once its queue is declared and bound.
+    for name in &names {
+        support::wait_consumed(&url, &format!("{name}.events")).await;
+    }
+    let client = Client::connect(&url).await.expect("client");
+    client
+        .publish(&Uploaded { id: "v1".into() })
+        .await
+        .expect("publish");
+    support::eventually(Duration::from_secs(10), || {
+        transcoded.len() + captioned.len() >= 2
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(transcoded.snapshot(), vec!["v1".to_owned()]);
+    assert_eq!(captioned.snapshot(), vec!["v1".to_owned()]);
+
+    support::expect_err(client.publish(&NobodyListens).await, |e| {
+        matches!(e, Error::Unroutable(_))
+    });
+    a.stop().await.expect("stop a");
+    b.stop().await.expect("stop b");
+}
+on_both!(events_reach_every_group_once);
+
+#[derive(Serialize, Deserialize, Clone, Debug)]
+struct Index {
+    n: u32,
+}
+
+impl Task for Index {
+    const NAME: &'static str = "sdk-test.index";
+    type Output = ();
+}
+
+/// A batch handler gets up to `max` tasks at once and all are acked.
+async fn batches_collect_up_to_max(target: Target) {
+    let url = target.url();
+    let client = Client::connect(&url).await.expect("client");
+    for n in 0..12 {
+        client.enqueue(&Index { n }).await.expect("enqueue");
+    }
+    let sizes = Log::default();
+    let seen = Log::default();
+    let (s2, seen2) = (sizes.clone(), seen.clone());
+    let worker = spawn(
+        Worker::builder(&url, &support::unique("indexer")).batch::<Index, _, _>(
+            5,
+            Duration::from_millis(200),
+            move |batch: Vec<Index>, _ctxs| {
+                let (sizes, seen) = (s2.clone(), seen2.clone());
+                async move {
+                    sizes.push(batch.len());
+                    for t in batch {
+                        seen.push(t.n);
+                    }
+                    Ok(())
+                }
+            },
+        ),
+    );
+    let mut all = seen.wait_for(12, Duration::from_secs(10)).await;
+    all.sort();
+    assert_eq!(all, (0..12).collect::<Vec<_>>());
+    assert!(
+        sizes.snapshot().iter().all(|s| *s <= 5),
+        "batches: {:?}",
+        sizes.snapshot()
+    );
+    assert!(
+        sizes.snapshot().contains(&5),
+        "full batches when tasks wait: {:?}",
+        sizes.snapshot()
+    );
+    worker.stop().await.expect("stop");
+    assert_eq!(support::ready(&url, Index::QUEUE).await, 0, "all acked");
+}
+on_both!(batches_collect_up_to_max);

@@ -1,0 +1,167 @@
+//! What a handler knows about the job it runs, and how it talks back.
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use lapin::options::BasicPublishOptions;
+use lapin::{BasicProperties, Channel};
+use tokio_util::sync::CancellationToken;
+
+use crate::headers;
+use crate::status::{JobState, Reply, StatusEvent};
+use crate::topology::STATUS_EXCHANGE;
+
+/// Per-job information and the way to report progress.
+#[derive(Clone)]
+pub struct Context {
+    pub(crate) job: Arc<JobInfo>,
+    pub(crate) cancel: CancellationToken,
+    pub(crate) outbox: Option<Channel>,
+}
+
+/// The facts about one delivery of a job.
+#[derive(Debug)]
+pub(crate) struct JobInfo {
+    pub job_id: String,
+    pub name: String,
+    pub queue: String,
+    pub attempt: u32,
+    pub redelivered: bool,
+    pub enqueued_at: SystemTime,
+    pub reply_to: Option<String>,
+    pub correlation_id: Option<String>,
+    pub publish_status: bool,
+}
+
+impl Context {
+    /// The job's id: the same across retries and redeliveries, so it is the
+    /// key to make a handler idempotent (e.g. an upsert keyed by it).
+    pub fn job_id(&self) -> &str {
+        &self.job.job_id
+    }
+
+    /// A stable key for side effects of this job: `{job id}:{what}`. Store
+    /// it with the effect (a unique column, an object name) so a redelivered
+    /// job finds the effect done and skips it.
+    pub fn idempotency_key(&self, what: &str) -> String {
+        format!("{}:{what}", self.job.job_id)
+    }
+
+    /// 1 for the first attempt; retries count up.
+    pub fn attempt(&self) -> u32 {
+        self.job.attempt
+    }
+
+    /// The broker says an earlier delivery of this copy may have been seen
+    /// (a worker died or stopped mid-task): expect partial effects.
+    pub fn redelivered(&self) -> bool {
+        self.job.redelivered
+    }
+
+    /// When the job was first enqueued.
+    pub fn enqueued_at(&self) -> SystemTime {
+        self.job.enqueued_at
+    }
+
+    /// The task or event name.
+    pub fn name(&self) -> &str {
+        &self.job.name
+    }
+
+    /// Fires when the worker shuts down past its grace period or the task
+    /// times out; long handlers should `select!` on it and stop.
+    pub fn cancelled(&self) -> tokio_util::sync::WaitForCancellationFuture<'_> {
+        self.cancel.cancelled()
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        self.cancel.is_cancelled()
+    }
+
+    /// A command that is killed when the handler is cancelled or dropped, so
+    /// that a shutdown or timeout does not leave an ffmpeg running.
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> tokio::process::Command {
+        let mut cmd = tokio::process::Command::new(program);
+        cmd.kill_on_drop(true);
+        cmd
+    }
+
+    /// Reports progress: a `progress` status event, and a progress message
+    /// to an RPC caller waiting on [`crate::Client::submit`]. Best effort:
+    /// progress is not worth failing a task over.
+    pub async fn progress(&self, percent: f32, note: impl Into<String>) {
+        let note = note.into();
+        self.emit(JobState::Progress, |e| {
+            e.percent = Some(percent);
+            e.note = Some(note.clone());
+        })
+        .await;
+        self.reply(&Reply::Progress { percent, note }).await;
+    }
+
+    /// Publishes a status event (without waiting for a confirm: status is
+    /// advisory, and publishes on one channel stay in order anyway).
+    pub(crate) async fn emit(&self, state: JobState, fill: impl FnOnce(&mut StatusEvent)) {
+        let (Some(ch), true) = (&self.outbox, self.job.publish_status) else {
+            return;
+        };
+        let mut event = StatusEvent {
+            job_id: self.job.job_id.clone(),
+            task: self.job.name.clone(),
+            queue: self.job.queue.clone(),
+            state,
+            attempt: self.job.attempt,
+            percent: None,
+            note: None,
+            error: None,
+            output: None,
+            at_ms: headers::now_ms(),
+        };
+        fill(&mut event);
+        let Ok(body) = serde_json::to_vec(&event) else {
+            return;
+        };
+        let props = BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_message_id(self.job.job_id.as_str().into())
+            .with_type(state.as_str().into());
+        if let Err(e) = ch
+            .basic_publish(
+                STATUS_EXCHANGE.into(),
+                event.routing_key().as_str().into(),
+                BasicPublishOptions::default(),
+                &body,
+                props,
+            )
+            .await
+        {
+            tracing::debug!(job = %self.job.job_id, "status event not sent: {e}");
+        }
+    }
+
+    /// Sends a reply to the RPC caller, if there is one.
+    pub(crate) async fn reply(&self, reply: &Reply) {
+        let (Some(ch), Some(to)) = (&self.outbox, &self.job.reply_to) else {
+            return;
+        };
+        let Ok(body) = serde_json::to_vec(reply) else {
+            return;
+        };
+        let mut props = BasicProperties::default().with_content_type("application/json".into());
+        if let Some(id) = &self.job.correlation_id {
+            props = props.with_correlation_id(id.as_str().into());
+        }
+        if let Err(e) = ch
+            .basic_publish(
+                "".into(),
+                to.as_str().into(),
+                BasicPublishOptions::default(),
+                &body,
+                props,
+            )
+            .await
+        {
+            tracing::debug!(job = %self.job.job_id, "reply not sent: {e}");
+        }
+    }
+}
