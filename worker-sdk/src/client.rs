@@ -11,10 +11,11 @@ use lapin::options::{
     QueueDeclareOptions,
 };
 use lapin::types::FieldTable;
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use lapin::{BasicProperties, Channel, Connection};
 use parking_lot::Mutex;
 use tokio::sync::{mpsc, OnceCell};
 
+use crate::broker::Nodes;
 use crate::error::{Error, Result};
 use crate::headers;
 use crate::message::{new_job_id, Event, JobId, Task};
@@ -45,7 +46,7 @@ pub struct Client {
 }
 
 struct Inner {
-    url: String,
+    nodes: Nodes,
     queue_kind: QueueKind,
     session: tokio::sync::Mutex<Option<Arc<Session>>>,
     delay_path: OnceCell<DelayPath>,
@@ -53,6 +54,8 @@ struct Inner {
 
 struct Session {
     conn: Connection,
+    /// The node it connected to.
+    url: String,
     ch: Channel,
     declared: Mutex<HashSet<String>>,
     rpc: OnceCell<Rpc>,
@@ -68,7 +71,8 @@ struct Rpc {
 type Pending = Arc<Mutex<HashMap<String, mpsc::UnboundedSender<Reply>>>>;
 
 impl Client {
-    /// Connects to `url` (`amqp://user:pass@host:port/vhost`).
+    /// Connects to `url` (`amqp://user:pass@host:port/vhost`, or several,
+    /// comma-separated, for the nodes of a cluster).
     pub async fn connect(url: &str) -> Result<Client> {
         Self::connect_with(url, QueueKind::Classic).await
     }
@@ -77,7 +81,7 @@ impl Client {
     pub async fn connect_with(url: &str, queue_kind: QueueKind) -> Result<Client> {
         let client = Client {
             inner: Arc::new(Inner {
-                url: url.to_owned(),
+                nodes: Nodes::parse(url),
                 queue_kind,
                 session: tokio::sync::Mutex::new(None),
                 delay_path: OnceCell::new(),
@@ -89,10 +93,11 @@ impl Client {
 
     /// How this broker delays messages (probed once).
     pub async fn delay_path(&self) -> Result<DelayPath> {
+        let session = self.session().await?;
         Ok(*self
             .inner
             .delay_path
-            .get_or_try_init(|| topology::probe_delay_path(&self.inner.url))
+            .get_or_try_init(|| topology::probe_delay_path(&session.url))
             .await?)
     }
 
@@ -105,11 +110,12 @@ impl Client {
             }
         }
         *slot = None;
-        let conn = Connection::connect(&self.inner.url, ConnectionProperties::default()).await?;
+        let (conn, url) = self.inner.nodes.connect().await?;
         let ch = conn.create_channel().await?;
         ch.confirm_select(ConfirmSelectOptions::default()).await?;
         let session = Arc::new(Session {
             conn,
+            url,
             ch,
             declared: Mutex::new(HashSet::new()),
             rpc: OnceCell::new(),

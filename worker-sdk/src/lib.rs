@@ -84,6 +84,7 @@
 //! (`{group}.events`) bound to each event name the group handles;
 //! `hare.status` (topic) carrying [`StatusEvent`]s as `{task}.{state}`.
 
+mod broker;
 mod client;
 mod context;
 mod error;

@@ -9,6 +9,7 @@ use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, 
 use lapin::types::FieldTable;
 use lapin::{Channel, Consumer};
 use tokio::sync::OwnedSemaphorePermit;
+use tracing::Instrument;
 
 use super::session::Shared;
 use super::settle::{guarded, Failure, Job};
@@ -105,15 +106,19 @@ pub(crate) async fn tasks(
         };
         let (name, handler) = resolve(&w, source, &delivery);
         let job = Job::new(&w, &outbox, &queue, &name, delivery);
+        let span = job.span();
         // The handler keeps the consumer's channel open: lapin closes a
         // channel with its last handle, and with it every unsettled delivery.
         let (w2, outbox, _channel) = (w.clone(), outbox.clone(), ch.clone());
-        w.in_flight.spawn(async move {
-            let (_permit, _channel) = (permit, _channel);
-            if !job.settle_if_crash_loop(&w2, &outbox).await {
-                job.run(&w2, &outbox, handler).await;
+        w.in_flight.spawn(
+            async move {
+                let (_permit, _channel) = (permit, _channel);
+                if !job.settle_if_crash_loop(&w2, &outbox).await {
+                    job.run(&w2, &outbox, handler).await;
+                }
             }
-        });
+            .instrument(span),
+        );
     }
     stop(&ch, consumer, Vec::new()).await;
     Ok(())

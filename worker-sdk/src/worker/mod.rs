@@ -20,6 +20,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use crate::broker::Nodes;
 use crate::context::Context;
 use crate::error::{Error, Result, TaskError};
 use crate::handler::{self, ErasedBatchHandler, ErasedHandler, Handler};
@@ -34,11 +35,13 @@ pub struct Worker;
 
 impl Worker {
     /// A worker of consumer group `group`: workers of one group share the
-    /// group's event queue (each event is handled once per group).
+    /// group's event queue (each event is handled once per group). `url` may
+    /// list a cluster's nodes, comma-separated; the worker reconnects to the
+    /// next one when its node goes away.
     pub fn builder(url: &str, group: &str) -> WorkerBuilder {
         WorkerBuilder {
             config: Config {
-                url: url.to_owned(),
+                nodes: Arc::new(Nodes::parse(url)),
                 group: group.to_owned(),
                 concurrency: 8,
                 retry: RetryPolicy::default(),
@@ -58,7 +61,7 @@ impl Worker {
 /// The settings that apply to every route.
 #[derive(Clone, Debug)]
 pub(crate) struct Config {
-    pub url: String,
+    pub nodes: Arc<Nodes>,
     pub group: String,
     pub concurrency: usize,
     pub retry: RetryPolicy,

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use lapin::options::ConfirmSelectOptions;
-use lapin::{Channel, Connection, ConnectionProperties};
+use lapin::Channel;
 use rand::Rng;
 use tokio::sync::{OnceCell, Semaphore};
 use tokio::task::JoinSet;
@@ -115,10 +115,10 @@ fn reconnect_backoff(failures: u32) -> Duration {
 
 /// One connection's worth of work.
 async fn session(w: &Arc<Shared>) -> Result<()> {
-    let conn = Connection::connect(&w.config.url, ConnectionProperties::default()).await?;
+    let (conn, url) = w.config.nodes.connect().await?;
     let path = *w
         .delay_path
-        .get_or_try_init(|| topology::probe_delay_path(&w.config.url))
+        .get_or_try_init(|| topology::probe_delay_path(&url))
         .await?;
     let outbox = conn.create_channel().await?;
     outbox

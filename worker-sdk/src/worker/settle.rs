@@ -13,6 +13,7 @@ use lapin::options::{BasicAckOptions, BasicNackOptions};
 use lapin::types::AMQPValue;
 use lapin::{BasicProperties, Channel};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use super::session::Shared;
 use crate::context::{Context, JobInfo};
@@ -127,6 +128,11 @@ impl Job {
         &self.ctx.job.name
     }
 
+    /// The span everything about this delivery is logged in.
+    pub fn span(&self) -> tracing::Span {
+        tracing::info_span!("task", job = %self.ctx.job_id(), task = %self.name(), attempt = self.ctx.attempt())
+    }
+
     /// A redelivery on a classic queue: the last delivery ended without an
     /// outcome. Counted in a header (classic queues keep no count); past the
     /// crash limit the task is dead-lettered instead of killing another worker.
@@ -195,7 +201,7 @@ impl Job {
             .duration_since(self.ctx.enqueued_at())
             .unwrap_or_default();
         metrics::started(self.name(), wait);
-        tracing::debug!(job = %self.ctx.job_id(), task = %self.name(), attempt = self.ctx.attempt(), "started");
+        tracing::debug!("started");
         self.ctx.emit(JobState::Started, |_| {}).await;
     }
 
@@ -227,7 +233,7 @@ impl Job {
     /// Retries (a delayed copy with the next attempt number) or dead-letters.
     pub async fn fail(&self, w: &Shared, outbox: &Channel, failure: Failure) {
         let attempt = self.ctx.attempt();
-        tracing::warn!(job = %self.ctx.job_id(), task = %self.name(), attempt, kind = failure.kind, "failed: {}", failure.message);
+        tracing::warn!(kind = failure.kind, "failed: {}", failure.message);
         if !failure.retryable || w.config.retry.exhausted(attempt) {
             let failure = Failure {
                 kind: if failure.kind == "error" {
@@ -350,7 +356,7 @@ pub(crate) async fn guarded<T: Send + 'static>(
     cancel: &CancellationToken,
     hard: &CancellationToken,
 ) -> Result<T, Option<Failure>> {
-    let mut task = tokio::spawn(future);
+    let mut task = tokio::spawn(future.in_current_span());
     tokio::select! {
         joined = &mut task => match joined {
             Ok(Ok(v)) => Ok(v),
