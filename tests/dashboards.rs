@@ -4,6 +4,10 @@
 //! panel query of every dashboard must be valid PromQL and return data, and
 //! every metric name a dashboard mentions must be one Hare exports.
 //!
+//! The workers dashboard reads a `hare-worker` worker's own `/metrics` (in this
+//! test process, with real tasks that succeed, retry and dead-letter) next to
+//! Hare's, as Prometheus would scrape both.
+//!
 //! Histograms (confirm latency, store flushes) must give numbers once Hare has
 //! observations for them; while a histogram has none at all (its `_count` is
 //! 0 on /metrics) its panels only have to be valid and find the series.
@@ -43,6 +47,10 @@ const BACKLOG_MESSAGES: usize = 30;
 const HELD: usize = 5;
 /// What `$__rate_interval` becomes: dozens of 1 s scrapes.
 const RATE_INTERVAL: &str = "30s";
+/// The task the worker traffic runs (its queue has the same name), and what
+/// `$task` is set to.
+const WORKER_TASK: &str = "hare-dash-task";
+const WORKER_TASKS: u32 = 40;
 
 // ---------------------------------------------------------------------------
 // Processes and files, cleaned up even when an assertion fails.
@@ -196,6 +204,15 @@ impl Exposition {
         }
     }
 
+    /// Adds another process's metrics (a worker's next to Hare's).
+    fn merge(&mut self, other: Exposition) {
+        for (name, value) in other.totals {
+            *self.totals.entry(name).or_insert(0.0) += value;
+        }
+        self.series.extend(other.series);
+        self.histograms.extend(other.histograms);
+    }
+
     fn queue_value(&self, name: &str, queue: &str, extra: &str) -> f64 {
         let id = format!("{name}{{vhost=\"{VHOST}\",queue=\"{queue}\"{extra}}}");
         self.series.get(&id).copied().unwrap_or(0.0)
@@ -256,6 +273,86 @@ async fn publish_confirmed(ch: &Channel, exchange: &str, key: &str, n: usize) {
 /// publishes, a backlog, and a consumer left holding unacked messages. The
 /// connection and consumer are returned open so connections, channels,
 /// consumers and unacked counts stay up while Prometheus is asked.
+/// A `hare-worker` worker serving `/metrics` on `metrics_addr`, through which
+/// tasks succeed, fail once and retry, or fail for good (dead-lettered), so
+/// every worker panel has data. Returns the worker's stop signal.
+async fn worker_traffic(url: &str, metrics_addr: &str) -> tokio::sync::oneshot::Sender<()> {
+    use hare_worker::{Client, Context, RetryPolicy, Task, TaskError, Worker};
+    #[derive(serde::Serialize, serde::Deserialize)]
+    struct DashTask {
+        n: u32,
+    }
+    impl Task for DashTask {
+        const NAME: &'static str = WORKER_TASK;
+        type Output = ();
+    }
+    async fn handle(task: DashTask, ctx: Context) -> Result<(), TaskError> {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        match task.n % 10 {
+            0 => Err(TaskError::fatal("every tenth task is broken")),
+            3 if ctx.attempt() == 1 => Err(TaskError::retry("a transient failure")),
+            _ => Ok(()),
+        }
+    }
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let worker = Worker::builder(url, "hare-dash-workers")
+        .concurrency(4)
+        .retry(RetryPolicy::exponential(3, Duration::from_millis(50)))
+        .metrics_listen(metrics_addr.parse().expect("metrics address"))
+        .task::<DashTask, _>(handle);
+    tokio::spawn(worker.run_until(async {
+        let _ = stopped.await;
+    }));
+    let client = Client::connect(url).await.expect("worker client");
+    let conn = Connection::connect(url, ConnectionProperties::default())
+        .await
+        .expect("connect");
+    let ch = conn.create_channel().await.expect("channel");
+    // Two waves, a few scrapes apart: a rate needs the series to grow
+    // between two samples, and the histograms appear only with the first.
+    for wave in 1..=2 {
+        for n in 0..WORKER_TASKS / 2 {
+            client.enqueue(&DashTask { n }).await.expect("enqueue");
+        }
+        wait_for_worker(&ch, wave * WORKER_TASKS / 20).await;
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+    }
+    let _ = conn.close(200, "done".into()).await;
+    client.close().await;
+    stop
+}
+
+/// Waits until the worker's queue is empty and `dead` tasks are in its
+/// dead-letter queue.
+async fn wait_for_worker(ch: &Channel, dead: u32) {
+    let count = |queue: String| async move {
+        ch.queue_declare(
+            queue.as_str().into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map(|q| q.message_count())
+        .unwrap_or(0)
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let in_dlq = count(format!("{WORKER_TASK}.dlq")).await;
+        let waiting = count(WORKER_TASK.to_owned()).await;
+        if in_dlq == dead && waiting == 0 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "worker traffic unfinished: {in_dlq} dead, {waiting} waiting"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 async fn traffic(url: &str) -> (Connection, lapin::Consumer) {
     let conn = Connection::connect(url, ConnectionProperties::default())
         .await
@@ -394,7 +491,11 @@ fn load_dashboards(
         .iter()
         .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
         .collect();
-    for expected in ["hare-overview.json", "hare-queues.json"] {
+    for expected in [
+        "hare-overview.json",
+        "hare-queues.json",
+        "hare-workers.json",
+    ] {
         assert!(
             names.contains(expected),
             "grafana/dashboards/{expected} is missing"
@@ -484,6 +585,8 @@ fn substitute(expr: &str) -> String {
         ("$vhost", VHOST),
         ("${queue}", WORK),
         ("$queue", WORK),
+        ("${task}", WORKER_TASK),
+        ("$task", WORKER_TASK),
     ] {
         out = out.replace(from, to);
     }
@@ -570,6 +673,8 @@ fn every_dashboard_query_returns_data_from_a_real_prometheus() {
 
     let metrics_addr = format!("127.0.0.1:{}", free_port());
     let metrics_url = format!("http://{metrics_addr}/metrics");
+    let worker_metrics_addr = format!("127.0.0.1:{}", free_port());
+    let worker_metrics_url = format!("http://{worker_metrics_addr}/metrics");
     let broker = BrokerProcess::start(
         env!("CARGO_BIN_EXE_hare"),
         &data_dir,
@@ -589,7 +694,8 @@ fn every_dashboard_query_returns_data_from_a_real_prometheus() {
         format!(
             "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s\n\
              scrape_configs:\n  - job_name: hare\n    static_configs:\n      \
-             - targets: [\"{metrics_addr}\"]\n"
+             - targets: [\"{metrics_addr}\"]\n  - job_name: hare-worker\n    \
+             static_configs:\n      - targets: [\"{worker_metrics_addr}\"]\n"
         ),
     )
     .expect("write prometheus.yml");
@@ -643,6 +749,7 @@ fn every_dashboard_query_returns_data_from_a_real_prometheus() {
     // Dropped before the runtime, inside its context, also when a check fails.
     let _context = runtime.enter();
     let client = runtime.block_on(traffic(&broker.url()));
+    let worker = runtime.block_on(worker_traffic(&broker.url(), &worker_metrics_addr));
 
     // The traffic left its marks on /metrics (TTL expiry happens in the broker's own time).
     wait_until(Duration::from_secs(10), "every TTL message expired", || {
@@ -741,13 +848,17 @@ fn every_dashboard_query_returns_data_from_a_real_prometheus() {
                     .unwrap_or(0.0)
             };
             let work = "hare_queue_messages{queue=\"hare-dash-work\"}";
+            let worker = "hare_worker_in_flight";
             value(&format!("min(timestamp({work}))")) > traffic_done + 1.5
+                && value(&format!("min(timestamp({worker}))")) > traffic_done + 1.5
+                && value(&format!("min(count_over_time({worker}[{RATE_INTERVAL}]))")) >= 3.0
                 && value(&format!("min(count_over_time({work}[{RATE_INTERVAL}]))")) >= 3.0
         },
     );
 
-    // Hare's own view, now: names exported and histogram observations.
-    let m = scrape(&http, &metrics_url);
+    // Hare's and the worker's own view, now: names exported and histogram observations.
+    let mut m = scrape(&http, &metrics_url);
+    m.merge(scrape(&http, &worker_metrics_url));
     let mut empty_histograms = BTreeSet::new();
     for hist in &m.histograms {
         if m.totals
@@ -775,6 +886,7 @@ fn every_dashboard_query_returns_data_from_a_real_prometheus() {
         let expected = match label {
             "vhost" => VHOST,
             "queue" => WORK,
+            "task" => WORKER_TASK,
             other => {
                 failures.push(format!("{what}: unexpected label {other}"));
                 continue;
@@ -853,6 +965,7 @@ fn every_dashboard_query_returns_data_from_a_real_prometheus() {
         failures.len(),
         failures.join("\n")
     );
+    let _ = worker.send(());
     let (conn, _consumer) = client;
     let _ = runtime.block_on(conn.close(200, "done".into()));
     drop(broker);
