@@ -200,3 +200,128 @@ async fn batches_collect_up_to_max(target: Target) {
     assert_eq!(support::ready(&url, Index::QUEUE).await, 0, "all acked");
 }
 on_both!(batches_collect_up_to_max);
+
+#[derive(Serialize, Deserialize, Clone, Debug)]
+struct Ranked {
+    label: String,
+}
+
+impl Task for Ranked {
+    const NAME: &'static str = "sdk-test.ranked";
+    const MAX_PRIORITY: Option<u8> = Some(9);
+    type Output = ();
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug)]
+struct Perishable;
+
+impl Task for Perishable {
+    const NAME: &'static str = "sdk-test.perishable";
+    type Output = ();
+}
+
+/// `enqueue_with`: a given job id is the one handlers see, a higher priority
+/// runs first, an expired task never runs, and a delayed or scheduled task
+/// waits in the broker for its time. (Expiry is checked on a plain queue:
+/// RabbitMQ's priority queues deliver an expired message that sits behind
+/// an older, lower-priority one.)
+async fn enqueue_options_are_honoured(target: Target) {
+    use hare_worker::EnqueueOptions;
+    use std::time::{Instant, SystemTime};
+    let url = target.url();
+    let client = Client::connect(&url).await.expect("client");
+    let task = |label: &str| Ranked {
+        label: label.into(),
+    };
+    let with = |job_id: &str, priority: u8| EnqueueOptions {
+        job_id: Some(job_id.into()),
+        priority: Some(priority),
+        ..Default::default()
+    };
+    client
+        .enqueue_with(&task("low"), with("job-low", 1))
+        .await
+        .expect("low");
+    client
+        .enqueue_with(
+            &Perishable,
+            EnqueueOptions {
+                expires: Some(Duration::from_millis(50)),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("expiring");
+    client
+        .enqueue_with(&task("high"), with("job-high", 8))
+        .await
+        .expect("high");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let seen = Log::default();
+    let log = seen.clone();
+    let began = Instant::now();
+    let perished = Log::default();
+    let ran = perished.clone();
+    let worker = spawn(
+        Worker::builder(&url, &support::unique("ranked"))
+            .concurrency(1)
+            .task::<Ranked, _>(move |t: Ranked, ctx: Context| {
+                let log = log.clone();
+                async move {
+                    log.push((t.label, ctx.job_id().to_owned(), began.elapsed()));
+                    Ok::<(), TaskError>(())
+                }
+            })
+            .task::<Perishable, _>(move |_t: Perishable, _ctx: Context| {
+                let ran = ran.clone();
+                async move {
+                    ran.push(());
+                    Ok::<(), TaskError>(())
+                }
+            }),
+    );
+    let first = seen.wait_for(2, Duration::from_secs(10)).await;
+    let order: Vec<(&str, &str)> = first
+        .iter()
+        .map(|(l, id, _)| (l.as_str(), id.as_str()))
+        .collect();
+    assert_eq!(order, vec![("high", "job-high"), ("low", "job-low")]);
+
+    let at = SystemTime::now() + Duration::from_millis(700);
+    client
+        .schedule(&task("scheduled"), at)
+        .await
+        .expect("schedule");
+    client
+        .enqueue_with(
+            &task("delayed"),
+            EnqueueOptions {
+                delay: Some(Duration::from_millis(400)),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("delayed");
+    let queued_at = began.elapsed();
+    let all = seen.wait_for(4, Duration::from_secs(10)).await;
+    let when = |label: &str| all.iter().find(|(l, _, _)| l == label).unwrap().2 - queued_at;
+    assert!(
+        when("delayed") >= Duration::from_millis(390),
+        "delayed ran after {:?}",
+        when("delayed")
+    );
+    assert!(
+        when("scheduled") >= Duration::from_millis(650),
+        "scheduled ran after {:?}",
+        when("scheduled")
+    );
+    assert_eq!(all[2].0, "delayed", "the shorter delay first");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        seen.snapshot().iter().all(|(l, _, _)| l != "expired"),
+        "an expired task ran"
+    );
+    worker.stop().await.expect("stop");
+}
+on_both!(enqueue_options_are_honoured);
