@@ -265,6 +265,20 @@ pub async fn wait_consumed(url: &str, queue: &str) {
 
 /// Consumers of `queue`, or `None` if it does not exist.
 async fn consumers(url: &str, queue: &str) -> Option<u32> {
+    passive(url, queue).await.map(|q| q.consumer_count())
+}
+
+/// Messages ready in `queue`.
+pub async fn ready(url: &str, queue: &str) -> u32 {
+    passive(url, queue)
+        .await
+        .unwrap_or_else(|| panic!("queue {queue} does not exist"))
+        .message_count()
+}
+
+/// A passive declare of `queue` on a connection of its own (a failed one
+/// closes the channel), `None` if the queue does not exist.
+async fn passive(url: &str, queue: &str) -> Option<lapin::Queue> {
     let conn = super::common::connect_url(url).await.expect("connect");
     let ch = conn.create_channel().await.expect("channel");
     let q = ch
@@ -279,26 +293,7 @@ async fn consumers(url: &str, queue: &str) -> Option<u32> {
         .await
         .ok();
     let _ = conn.close(200, "done".into()).await;
-    q.map(|q| q.consumer_count())
-}
-
-/// Messages ready in `queue` (passive declare).
-pub async fn ready(url: &str, queue: &str) -> u32 {
-    let conn = super::common::connect_url(url).await.expect("connect");
-    let ch = conn.create_channel().await.expect("channel");
-    let q = ch
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .expect("passive declare");
-    let _ = conn.close(200, "done".into()).await;
-    q.message_count()
+    q
 }
 
 /// A header of a message, as text (strings) or a number rendered as text.

@@ -59,6 +59,11 @@ pub enum DelayPath {
     Ladder,
 }
 
+/// A string argument value.
+fn text(s: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(s))
+}
+
 fn durable_queue() -> QueueDeclareOptions {
     QueueDeclareOptions {
         durable: true,
@@ -88,30 +93,18 @@ pub async fn declare_work_queue(
     }
     let dlq = dead_letter_queue(queue);
     if let QueueKind::Quorum { delivery_limit } = kind {
-        args.insert(
-            "x-queue-type".into(),
-            AMQPValue::LongString(LongString::from("quorum")),
-        );
+        args.insert("x-queue-type".into(), text("quorum"));
         args.insert(
             "x-delivery-limit".into(),
             AMQPValue::LongInt(delivery_limit as i32),
         );
         // A crash loop the broker ends goes to the same dead-letter queue.
-        args.insert(
-            "x-dead-letter-exchange".into(),
-            AMQPValue::LongString(LongString::from("")),
-        );
-        args.insert(
-            "x-dead-letter-routing-key".into(),
-            AMQPValue::LongString(LongString::from(dlq.as_str())),
-        );
+        args.insert("x-dead-letter-exchange".into(), text(""));
+        args.insert("x-dead-letter-routing-key".into(), text(dlq.as_str()));
     }
     let mut dlq_args = FieldTable::default();
     if matches!(kind, QueueKind::Quorum { .. }) {
-        dlq_args.insert(
-            "x-queue-type".into(),
-            AMQPValue::LongString(LongString::from("quorum")),
-        );
+        dlq_args.insert("x-queue-type".into(), text("quorum"));
     }
     ch.queue_declare(dlq.as_str().into(), durable_queue(), dlq_args)
         .await?;
@@ -204,10 +197,7 @@ pub async fn probe_delay_path(url: &str) -> lapin::Result<DelayPath> {
     let conn = Connection::connect(url, ConnectionProperties::default()).await?;
     let ch = conn.create_channel().await?;
     let mut args = FieldTable::default();
-    args.insert(
-        "x-delayed-type".into(),
-        AMQPValue::LongString(LongString::from("direct")),
-    );
+    args.insert("x-delayed-type".into(), text("direct"));
     let outcome = ch
         .exchange_declare(
             DELAYED_EXCHANGE.into(),
@@ -266,10 +256,7 @@ pub async fn declare_ladder(ch: &Channel) -> lapin::Result<()> {
             "x-message-ttl".into(),
             AMQPValue::LongLongInt(1i64 << level),
         );
-        args.insert(
-            "x-dead-letter-exchange".into(),
-            AMQPValue::LongString(LongString::from(below.as_str())),
-        );
+        args.insert("x-dead-letter-exchange".into(), text(below.as_str()));
         ch.queue_declare(queue.as_str().into(), durable_queue(), args)
             .await?;
         ch.queue_bind(
