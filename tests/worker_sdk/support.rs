@@ -77,6 +77,14 @@ pub struct Running {
 }
 
 pub fn spawn(builder: WorkerBuilder) -> Running {
+    // The SDK's logs go to the test's captured output, shown when it fails.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "hare_worker=debug".into()),
+        )
+        .with_test_writer()
+        .try_init();
     let (tx, rx) = oneshot::channel::<()>();
     let handle = tokio::spawn(builder.run_until(async {
         let _ = rx.await;
@@ -88,14 +96,15 @@ pub fn spawn(builder: WorkerBuilder) -> Running {
 }
 
 impl Running {
-    /// Signals the stop and waits (bounded) for `run_until` to return.
+    /// Signals the stop and waits (bounded: the default grace is 30 s, then
+    /// 10 s for cancelled handlers) for `run_until` to return.
     pub async fn stop(mut self) -> hare_worker::Result<()> {
         if let Some(tx) = self.stop.take() {
             let _ = tx.send(());
         }
-        tokio::time::timeout(Duration::from_secs(30), &mut self.handle)
+        tokio::time::timeout(Duration::from_secs(50), &mut self.handle)
             .await
-            .expect("worker did not stop within 30 s")
+            .expect("worker did not stop within 50 s")
             .expect("worker task panicked")
     }
 }

@@ -113,8 +113,39 @@ fn reconnect_backoff(failures: u32) -> Duration {
         .mul_f64(rand::rng().random_range(0.5..=1.0))
 }
 
-/// One connection's worth of work.
+/// One connection's worth of work. A stop signal during the start-up ends
+/// it at once: this connection consumed nothing, and handlers left from a
+/// lost one cannot ack any more.
 async fn session(w: &Arc<Shared>) -> Result<()> {
+    let (conn, mut consumers) = tokio::select! {
+        started = start(w) => started?,
+        _ = w.stop.cancelled() => {
+            w.hard.cancel();
+            return Ok(());
+        }
+    };
+    // Until the stop signal or the first consumer that fails.
+    let failed = tokio::select! {
+        _ = w.stop.cancelled() => None,
+        Some(ended) = consumers.join_next() => Some(ended),
+    };
+    if let Some(ended) = failed {
+        consumers.abort_all();
+        return match ended {
+            Ok(Err(e)) => Err(e),
+            Ok(Ok(())) => Err(Error::Disconnected),
+            Err(e) => Err(Error::Config(format!("consumer task failed: {e}"))),
+        };
+    }
+    // Consumers cancel themselves and requeue what has not started.
+    while consumers.join_next().await.is_some() {}
+    finish_in_flight(w).await;
+    let _ = conn.close(200, "worker stopped".into()).await;
+    Ok(())
+}
+
+/// Connects, declares the topology and starts every consumer.
+async fn start(w: &Arc<Shared>) -> Result<(lapin::Connection, JoinSet<Result<()>>)> {
     let (conn, url) = w.config.nodes.connect().await?;
     let path = *w
         .delay_path
@@ -154,24 +185,7 @@ async fn session(w: &Arc<Shared>) -> Result<()> {
         consumers.spawn(schedule::lead(w.clone(), ch, outbox.clone(), i));
     }
 
-    // Until the stop signal or the first consumer that fails.
-    let failed = tokio::select! {
-        _ = w.stop.cancelled() => None,
-        Some(ended) = consumers.join_next() => Some(ended),
-    };
-    if let Some(ended) = failed {
-        consumers.abort_all();
-        return match ended {
-            Ok(Err(e)) => Err(e),
-            Ok(Ok(())) => Err(Error::Disconnected),
-            Err(e) => Err(Error::Config(format!("consumer task failed: {e}"))),
-        };
-    }
-    // Consumers cancel themselves and requeue what has not started.
-    while consumers.join_next().await.is_some() {}
-    finish_in_flight(w).await;
-    let _ = conn.close(200, "worker stopped".into()).await;
-    Ok(())
+    Ok((conn, consumers))
 }
 
 /// Lets in-flight handlers finish within the grace period, then cancels them.
