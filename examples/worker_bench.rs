@@ -12,8 +12,9 @@
 //!
 //! * `sdk`: a `hare-worker` worker with a no-op handler (JSON decode, the
 //!   status events unless `--no-status`, ack after the handler);
-//! * `lapin`: a bare lapin consumer with the same prefetch that acks each
-//!   delivery, the floor any framework on this client pays.
+//! * `lapin`: a bare lapin consumer with the same prefetch that decodes and
+//!   acks each delivery from a spawned task, the floor any framework on
+//!   this client pays.
 //!
 //! Prints one line per run: `mode concurrency tasks seconds tasks_per_sec`.
 
@@ -166,13 +167,18 @@ async fn run_lapin(url: &str, tasks: u64, concurrency: usize) -> Duration {
         )
         .await
         .expect("consume");
-    let mut seen = 0;
-    while seen < tasks {
+    let mut acks = tokio::task::JoinSet::new();
+    for _ in 0..tasks {
         let d = consumer.next().await.expect("stream").expect("delivery");
-        let _: Noop = serde_json::from_slice(&d.data).expect("json");
-        d.ack(BasicAckOptions::default()).await.expect("ack");
-        seen += 1;
+        // Acks go out concurrently, as the SDK's do: an awaited ack per
+        // delivery would serialize the consumer on the client's I/O loop.
+        acks.spawn(async move {
+            let _: Noop = serde_json::from_slice(&d.data).expect("json");
+            d.ack(BasicAckOptions::default()).await.expect("ack");
+        });
+        while acks.try_join_next().is_some() {}
     }
+    while acks.join_next().await.is_some() {}
     let took = began.elapsed();
     let _ = conn.close(200, "done".into()).await;
     took
