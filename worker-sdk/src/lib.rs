@@ -67,8 +67,11 @@
 //! - **Crash loops end.** Classic queues keep no delivery count, so the SDK
 //!   counts redeliveries in a header (`x-hare-redeliveries`) by re-publishing
 //!   a redelivered task before running it; after `crash_limit` deliveries
-//!   without an outcome it is dead-lettered (kind `crash-loop`). With
-//!   [`WorkerBuilder::quorum_queues`] the broker's `x-delivery-limit` does it.
+//!   without an outcome it is dead-lettered (kind `crash-loop`). A task
+//!   requeued unstarted by a graceful shutdown counts too (the broker marks
+//!   it redelivered either way), as with quorum queues' own delivery count;
+//!   with [`WorkerBuilder::quorum_queues`] the broker's `x-delivery-limit`
+//!   does the counting.
 //! - **Retries wait in the broker, not in the worker**: a retry is a new copy
 //!   published with a delay (the `x-delayed-message` exchange where the broker
 //!   has it, as Hare does; else a ladder of TTL queues), and the original is
