@@ -8,5 +8,6 @@ mod common;
 mod support;
 
 mod basics;
+mod celery;
 mod failures;
 mod lifecycle;

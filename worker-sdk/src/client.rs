@@ -52,23 +52,23 @@ struct Inner {
     delay_path: OnceCell<DelayPath>,
 }
 
-struct Session {
-    conn: Connection,
+pub(crate) struct Session {
+    pub(crate) conn: Connection,
     /// The node it connected to.
     url: String,
-    ch: Channel,
-    declared: Mutex<HashSet<String>>,
-    rpc: OnceCell<Rpc>,
+    pub(crate) ch: Channel,
+    pub(crate) declared: Mutex<HashSet<String>>,
+    pub(crate) rpc: OnceCell<Rpc>,
 }
 
 /// Where RPC replies arrive: direct reply-to, or an exclusive queue.
-struct Rpc {
-    ch: Channel,
-    reply_to: String,
-    pending: Pending,
+pub(crate) struct Rpc {
+    pub(crate) ch: Channel,
+    pub(crate) reply_to: String,
+    pub(crate) pending: Pending,
 }
 
-type Pending = Arc<Mutex<HashMap<String, mpsc::UnboundedSender<Reply>>>>;
+pub(crate) type Pending = Arc<Mutex<HashMap<String, mpsc::UnboundedSender<Reply>>>>;
 
 impl Client {
     /// Connects to `url` (`amqp://user:pass@host:port/vhost`, or several,
@@ -89,6 +89,11 @@ impl Client {
         };
         client.session().await?;
         Ok(client)
+    }
+
+    /// The kind of queues this client declares.
+    pub(crate) fn queue_kind(&self) -> QueueKind {
+        self.inner.queue_kind
     }
 
     /// How this broker delays messages (probed once).
@@ -126,7 +131,7 @@ impl Client {
 
     /// Runs `op` on the session; an AMQP failure drops the session so the
     /// next call starts afresh.
-    async fn with_session<T, F, Fut>(&self, op: F) -> Result<T>
+    pub(crate) async fn with_session<T, F, Fut>(&self, op: F) -> Result<T>
     where
         F: FnOnce(Arc<Session>) -> Fut,
         Fut: std::future::Future<Output = Result<T>>,
@@ -359,7 +364,7 @@ fn task_properties(name: &str, job_id: &str, options: &EnqueueOptions) -> BasicP
 
 /// Opens the reply channel: direct reply-to where the broker has it (no
 /// queue to create or delete), else an exclusive server-named queue.
-async fn open_rpc(conn: &Connection) -> Result<Rpc> {
+pub(crate) async fn open_rpc(conn: &Connection) -> Result<Rpc> {
     let no_ack = BasicConsumeOptions {
         no_ack: true,
         ..Default::default()
@@ -410,8 +415,14 @@ async fn open_rpc(conn: &Connection) -> Result<Rpc> {
             let Some(id) = delivery.properties.correlation_id().as_ref() else {
                 continue;
             };
-            let Ok(reply) = serde_json::from_slice::<Reply>(&delivery.data) else {
-                continue;
+            let reply = match serde_json::from_slice::<Reply>(&delivery.data) {
+                Ok(reply) => reply,
+                // A Celery worker's result (`rpc://` backend); none for
+                // states that are not final.
+                Err(_) => match crate::celery::reply_from_result(&delivery.data) {
+                    Some(reply) => reply,
+                    None => continue,
+                },
             };
             let last = !matches!(reply, Reply::Progress { .. });
             let mut map = routes.lock();

@@ -31,6 +31,16 @@ pub(crate) struct JobInfo {
     pub reply_to: Option<String>,
     pub correlation_id: Option<String>,
     pub publish_status: bool,
+    /// How the job came and how to answer its caller.
+    pub protocol: Protocol,
+}
+
+/// The message protocol a job arrived in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Protocol {
+    Hare,
+    /// Celery's protocol 2; replies are `rpc://` backend results.
+    Celery,
 }
 
 impl Context {
@@ -144,13 +154,20 @@ impl Context {
         let (Some(ch), Some(to)) = (&self.outbox, &self.job.reply_to) else {
             return;
         };
-        let Ok(body) = serde_json::to_vec(reply) else {
-            return;
+        let (body, props) = match self.job.protocol {
+            Protocol::Hare => {
+                let Ok(body) = serde_json::to_vec(reply) else {
+                    return;
+                };
+                let mut props =
+                    BasicProperties::default().with_content_type("application/json".into());
+                if let Some(id) = &self.job.correlation_id {
+                    props = props.with_correlation_id(id.as_str().into());
+                }
+                (body, props)
+            }
+            Protocol::Celery => crate::celery::reply_message(&self.job, reply),
         };
-        let mut props = BasicProperties::default().with_content_type("application/json".into());
-        if let Some(id) = &self.job.correlation_id {
-            props = props.with_correlation_id(id.as_str().into());
-        }
         if let Err(e) = ch
             .basic_publish(
                 "".into(),

@@ -81,6 +81,12 @@
 //!   `x-hare-error`, `x-hare-error-kind`, `x-hare-attempts`, `x-hare-queue`
 //!   and `x-hare-failed-at` headers; [`Client::replay_dead`] moves them back.
 //!
+//! ## Celery
+//! [`WorkerBuilder::celery_task`] serves tasks that Python's Celery sends
+//! (`send_task`, protocol 2, JSON) and answers through Celery's `rpc://`
+//! result backend; [`Client::call_celery`] and [`Client::send_celery_task`]
+//! run tasks on Celery workers. See [`celery`].
+//!
 //! ## Topology
 //! `hare.tasks` (direct) with a durable queue per task, declared by producers
 //! too; `hare.events` (topic) with a durable queue per consumer group
@@ -88,6 +94,7 @@
 //! `hare.status` (topic) carrying [`StatusEvent`]s as `{task}.{state}`.
 
 mod broker;
+pub mod celery;
 mod client;
 mod context;
 mod error;
@@ -101,6 +108,7 @@ mod status;
 pub mod topology;
 mod worker;
 
+pub use celery::CeleryTask;
 pub use client::{Client, EnqueueOptions, Submission, Update};
 pub use context::Context;
 pub use error::{BoxError, Error, Result, TaskError};

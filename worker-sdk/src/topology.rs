@@ -110,6 +110,11 @@ pub async fn declare_work_queue(
         .await?;
     ch.queue_declare(queue.into(), durable_queue(), args)
         .await?;
+    bind_delay_path(ch, queue, delay).await
+}
+
+/// Binds `queue` to where its delayed messages come out.
+pub async fn bind_delay_path(ch: &Channel, queue: &str, delay: DelayPath) -> lapin::Result<()> {
     match delay {
         DelayPath::Plugin => {
             ch.queue_bind(

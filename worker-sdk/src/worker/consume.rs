@@ -13,6 +13,7 @@ use tracing::Instrument;
 
 use super::session::Shared;
 use super::settle::{guarded, Failure, Job};
+use crate::context::Protocol;
 use crate::error::{Error, Result};
 use crate::handler::ErasedHandler;
 use crate::headers;
@@ -23,6 +24,8 @@ use crate::topology;
 pub(crate) enum Source {
     Task(usize),
     Events,
+    /// A queue of Celery tasks, told apart by their `task` header.
+    Celery(usize),
 }
 
 /// Starts consuming `queue` with a prefetch of `prefetch`.
@@ -97,6 +100,11 @@ pub(crate) async fn tasks(
     let queue = match source {
         Source::Task(i) => w.routes.tasks[i].queue.clone(),
         Source::Events => topology::group_queue(&w.config.group),
+        Source::Celery(i) => w.routes.celery[i].queue.clone(),
+    };
+    let protocol = match source {
+        Source::Celery(_) => Protocol::Celery,
+        _ => Protocol::Hare,
     };
     let mut consumer = start(&ch, &queue, w.config.concurrency).await?;
     while let Some(delivery) = next(&w, &mut consumer).await? {
@@ -105,7 +113,7 @@ pub(crate) async fn tasks(
             return Ok(());
         };
         let (name, handler) = resolve(&w, source, &delivery);
-        let job = Job::new(&w, &outbox, &queue, &name, delivery);
+        let job = Job::new(&w, &outbox, &queue, &name, delivery, protocol);
         let span = job.span();
         // The handler keeps the consumer's channel open: lapin closes a
         // channel with its last handle, and with it every unsettled delivery.
@@ -113,8 +121,12 @@ pub(crate) async fn tasks(
         w.in_flight.spawn(
             async move {
                 let (_permit, _channel) = (permit, _channel);
-                if !job.settle_if_crash_loop(&w2, &outbox).await {
-                    job.run(&w2, &outbox, handler).await;
+                if job.settle_if_crash_loop(&w2, &outbox).await {
+                    return;
+                }
+                match protocol {
+                    Protocol::Hare => job.run(&w2, &outbox, handler).await,
+                    Protocol::Celery => crate::celery::serve(job, &w2, &outbox, handler).await,
                 }
             }
             .instrument(span),
@@ -135,6 +147,11 @@ fn resolve(w: &Shared, source: Source, d: &Delivery) -> (String, Option<ErasedHa
             let name = headers::get_str(&d.properties, headers::TASK)
                 .unwrap_or_else(|| d.routing_key.as_str().to_owned());
             let handler = w.routes.events.get(&name).cloned();
+            (name, handler)
+        }
+        Source::Celery(i) => {
+            let name = crate::celery::task_name(&d.properties).unwrap_or_default();
+            let handler = w.routes.celery[i].handlers.get(&name).cloned();
             (name, handler)
         }
     }
@@ -169,7 +186,7 @@ pub(crate) async fn batches(
         };
         let jobs: Vec<Job> = batch
             .into_iter()
-            .map(|d| Job::new(&w, &outbox, &route.queue, &route.name, d))
+            .map(|d| Job::new(&w, &outbox, &route.queue, &route.name, d, Protocol::Hare))
             .collect();
         let (w2, outbox, _channel) = (w.clone(), outbox.clone(), ch.clone());
         w.in_flight.spawn(async move {

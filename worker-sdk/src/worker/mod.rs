@@ -21,6 +21,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::broker::Nodes;
+use crate::celery::CeleryTask;
 use crate::context::Context;
 use crate::error::{Error, Result, TaskError};
 use crate::handler::{self, ErasedBatchHandler, ErasedHandler, Handler};
@@ -29,6 +30,8 @@ use crate::retry::RetryPolicy;
 use crate::topology::QueueKind;
 
 pub use schedule::Schedule;
+pub(crate) use session::Shared;
+pub(crate) use settle::{Failure, Job};
 
 /// Entry point: `Worker::builder(url, group)`.
 pub struct Worker;
@@ -101,6 +104,13 @@ pub(crate) struct Routes {
     pub events: HashMap<String, ErasedHandler>,
     pub batches: Vec<BatchRoute>,
     pub periodic: Vec<schedule::Periodic>,
+    /// Celery queues, each with its tasks' handlers by task name.
+    pub celery: Vec<CeleryRoute>,
+}
+
+pub(crate) struct CeleryRoute {
+    pub queue: String,
+    pub handlers: HashMap<String, ErasedHandler>,
 }
 
 pub(crate) struct TaskRoute {
@@ -198,6 +208,30 @@ impl WorkerBuilder {
         self
     }
 
+    /// Handles Celery task `T`: Python's `send_task(T::NAME, …)` runs
+    /// `handler` and `AsyncResult.get()` returns its output (see
+    /// [`crate::celery`] for the argument binding, results and limits).
+    pub fn celery_task<T, H>(mut self, handler: H) -> Self
+    where
+        T: CeleryTask,
+        H: Handler<T::Args, Output = T::Output>,
+    {
+        let handler = crate::celery::erase::<T, H>(handler);
+        let routes = &mut self.routes.celery;
+        let index = match routes.iter().position(|r| r.queue == T::QUEUE) {
+            Some(i) => i,
+            None => {
+                routes.push(CeleryRoute {
+                    queue: T::QUEUE.to_owned(),
+                    handlers: HashMap::new(),
+                });
+                routes.len() - 1
+            }
+        };
+        routes[index].handlers.insert(T::NAME.to_owned(), handler);
+        self
+    }
+
     /// Handles event `E` in this worker's group.
     pub fn on<E, H>(mut self, handler: H) -> Self
     where
@@ -259,9 +293,17 @@ impl WorkerBuilder {
             && r.events.is_empty()
             && r.batches.is_empty()
             && r.periodic.is_empty()
+            && r.celery.is_empty()
         {
             return Err(Error::Config(
                 "the worker has no task, event or schedule".into(),
+            ));
+        }
+        if c.quorum && !r.celery.is_empty() {
+            return Err(Error::Config(
+                "Celery tasks need classic queues: a Celery queue is declared as Celery declares \
+                 it, without the delivery limit quorum queues rely on here"
+                    .into(),
             ));
         }
         for batch in &r.batches {

@@ -176,6 +176,15 @@ async fn start(w: &Arc<Shared>) -> Result<(lapin::Connection, JoinSet<Result<()>
             consume::Source::Events,
         ));
     }
+    for (i, _) in w.routes.celery.iter().enumerate() {
+        let ch = conn.create_channel().await?;
+        consumers.spawn(consume::tasks(
+            w.clone(),
+            ch,
+            outbox.clone(),
+            consume::Source::Celery(i),
+        ));
+    }
     for (i, _) in w.routes.batches.iter().enumerate() {
         let ch = conn.create_channel().await?;
         consumers.spawn(consume::batches(w.clone(), ch, outbox.clone(), i));
@@ -217,6 +226,9 @@ async fn declare(w: &Shared, ch: &Channel, path: DelayPath) -> Result<()> {
     }
     for route in &w.routes.batches {
         topology::declare_task_queue(ch, &route.queue, kind, route.max_priority, path).await?;
+    }
+    for route in &w.routes.celery {
+        crate::celery::declare_queue(ch, &route.queue, kind, Some(path)).await?;
     }
     if !w.routes.events.is_empty() {
         let queue = topology::group_queue(&w.config.group);

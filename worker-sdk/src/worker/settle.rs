@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::session::Shared;
-use crate::context::{Context, JobInfo};
+use crate::context::{Context, JobInfo, Protocol};
 use crate::error::TaskError;
 use crate::handler::{DecodeError, ErasedHandler};
 use crate::headers;
@@ -44,7 +44,7 @@ pub(crate) struct Failure {
 }
 
 impl Failure {
-    fn permanent(kind: &'static str, message: String) -> Self {
+    pub fn permanent(kind: &'static str, message: String) -> Self {
         Failure {
             kind,
             message,
@@ -83,7 +83,14 @@ pub(crate) struct Job {
 }
 
 impl Job {
-    pub fn new(w: &Shared, outbox: &Channel, queue: &str, name: &str, delivery: Delivery) -> Job {
+    pub fn new(
+        w: &Shared,
+        outbox: &Channel,
+        queue: &str,
+        name: &str,
+        delivery: Delivery,
+        protocol: Protocol,
+    ) -> Job {
         let props = &delivery.properties;
         let job_id = props
             .message_id()
@@ -94,7 +101,7 @@ impl Job {
             .map(headers::from_ms)
             .or_else(|| props.timestamp().map(|s| headers::from_ms(s as i64 * 1000)))
             .unwrap_or_else(SystemTime::now);
-        let info = JobInfo {
+        let mut info = JobInfo {
             job_id,
             name: name.to_owned(),
             queue: queue.to_owned(),
@@ -111,7 +118,11 @@ impl Job {
                 .as_ref()
                 .map(|s| s.as_str().to_owned()),
             publish_status: w.config.status_events,
+            protocol,
         };
+        if protocol == Protocol::Celery {
+            crate::celery::adapt(&mut info, props);
+        }
         let ctx = Context {
             job: Arc::new(info),
             cancel: w.hard.child_token(),
@@ -330,12 +341,20 @@ impl Job {
     }
 }
 
-/// The dead letter keeps the message's identity but not its reply address
-/// (a replayed task has nobody waiting) nor an expiry that would drop it.
+/// The dead letter keeps the message's identity and content type but not
+/// its reply address (a replayed task has nobody waiting) nor an expiry that
+/// would drop it.
 fn dead_letter_properties(props: &BasicProperties) -> BasicProperties {
+    let content_type = props
+        .content_type()
+        .clone()
+        .unwrap_or_else(|| "application/json".into());
     let mut copy = BasicProperties::default()
         .with_delivery_mode(2)
-        .with_content_type("application/json".into());
+        .with_content_type(content_type);
+    if let Some(encoding) = props.content_encoding() {
+        copy = copy.with_content_encoding(encoding.clone());
+    }
     if let Some(id) = props.message_id() {
         copy = copy.with_message_id(id.clone());
     }
