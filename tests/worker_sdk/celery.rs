@@ -6,13 +6,12 @@
 //! machine without it fails loudly instead of passing vacuously.
 
 use std::path::PathBuf;
-use std::process::Stdio;
-use std::time::Duration;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
 use hare_worker::{CeleryTask, Client, Context, Error, RetryPolicy, TaskError, Worker};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use tokio::process::{Child, Command};
 use tokio::sync::OnceCell;
 
 use crate::on_both;
@@ -29,21 +28,54 @@ fn python_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/python")
 }
 
-/// Runs `cmd` to completion within `limit`: (success, stdout + stderr).
+/// Runs `cmd` to completion within `limit`, killing it after that:
+/// (success, status + stdout + stderr). Plain `std::process` on a blocking
+/// thread, so the tests' runtimes never see these children.
 async fn run(mut cmd: Command, limit: Duration) -> (bool, String) {
-    let what = format!("{cmd:?}");
-    cmd.stdin(Stdio::null()).kill_on_drop(true);
-    let out = tokio::time::timeout(limit, cmd.output())
-        .await
-        .unwrap_or_else(|_| panic!("{what} ran longer than {limit:?}"))
-        .unwrap_or_else(|e| panic!("cannot start {what}: {e}"));
-    let text = format!(
-        "{}\n--- stdout ---\n{}\n--- stderr ---\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
+    tokio::task::spawn_blocking(move || {
+        let what = format!("{cmd:?}");
+        let out_file = tempfile(&what, "out");
+        let err_file = tempfile(&what, "err");
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(out_file.1.try_clone().expect("log"))
+            .stderr(err_file.1.try_clone().expect("log"))
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {what}: {e}"));
+        let began = Instant::now();
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                break status.to_string();
+            }
+            if began.elapsed() > limit {
+                let _ = child.kill();
+                let _ = child.wait();
+                break format!("killed after {limit:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let ok = status == "exit status: 0";
+        let read = |p: &PathBuf| {
+            let text = std::fs::read_to_string(p).unwrap_or_default();
+            let _ = std::fs::remove_file(p);
+            text
+        };
+        let text = format!(
+            "{status}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            read(&out_file.0),
+            read(&err_file.0)
+        );
+        (ok, text)
+    })
+    .await
+    .expect("the command's thread")
+}
+
+/// A fresh file for a child's output.
+fn tempfile(_what: &str, kind: &str) -> (PathBuf, std::fs::File) {
+    let path = std::env::temp_dir().join(format!("{}.{kind}", support::unique("celery-run")));
+    let file = std::fs::File::create(&path).expect("output file");
+    (path, file)
 }
 
 async fn celery_importable() -> bool {
@@ -237,8 +269,7 @@ impl CeleryWorker {
             ])
             .stdin(Stdio::null())
             .stdout(file.try_clone().expect("log"))
-            .stderr(file)
-            .kill_on_drop(true);
+            .stderr(file);
         celery_env(&mut cmd, url, queue);
         let child = cmd.spawn().expect("start the celery worker");
         CeleryWorker { child, log }
@@ -248,9 +279,15 @@ impl CeleryWorker {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    async fn stop(mut self) {
-        let _ = self.child.kill().await;
+    fn stop(self) {
         let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+impl Drop for CeleryWorker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
@@ -299,6 +336,6 @@ async fn rust_calls_a_celery_worker(target: Target) {
     support::eventually(Duration::from_secs(10), || marker.exists()).await;
     let _ = std::fs::remove_file(&marker);
     client.close().await;
-    worker.stop().await;
+    worker.stop();
 }
 on_both!(rust_calls_a_celery_worker);

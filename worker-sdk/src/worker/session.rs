@@ -140,7 +140,15 @@ async fn session(w: &Arc<Shared>) -> Result<()> {
     // Consumers cancel themselves and requeue what has not started.
     while consumers.join_next().await.is_some() {}
     finish_in_flight(w).await;
-    let _ = conn.close(200, "worker stopped".into()).await;
+    // Bounded: lapin's close can wait for a close-ok that never comes (seen
+    // under load), and a stopping worker must not hang on a goodbye.
+    let close = conn.close(200, "worker stopped".into());
+    if tokio::time::timeout(Duration::from_secs(5), close)
+        .await
+        .is_err()
+    {
+        tracing::warn!("the broker did not confirm the close within 5 s; leaving anyway");
+    }
     Ok(())
 }
 
