@@ -129,8 +129,14 @@ impl Client {
         Ok(session)
     }
 
-    /// Runs `op` on the session; an AMQP failure drops the session so the
-    /// next call starts afresh.
+    /// Runs `op` on the session; an AMQP failure or a nack drops the session
+    /// so the next call starts afresh.
+    ///
+    /// A nack counts because a channel may keep refusing: RabbitMQ before
+    /// 3.12 sets up a channel's link to a quorum queue on its first publish
+    /// by asking the node that the queue record names as leader, and if that
+    /// node was just lost the channel nacks every later publish to the queue
+    /// too. A new channel asks again.
     pub(crate) async fn with_session<T, F, Fut>(&self, op: F) -> Result<T>
     where
         F: FnOnce(Arc<Session>) -> Fut,
@@ -138,7 +144,7 @@ impl Client {
     {
         let session = self.session().await?;
         let result = op(session.clone()).await;
-        if matches!(result, Err(Error::Amqp(_))) {
+        if matches!(result, Err(Error::Amqp(_) | Error::Nacked(_))) {
             let mut slot = self.inner.session.lock().await;
             if slot.as_ref().is_some_and(|s| Arc::ptr_eq(s, &session)) {
                 *slot = None;
@@ -170,7 +176,7 @@ impl Client {
     async fn ensure_delay_path(&self, session: &Session, path: DelayPath) -> Result<()> {
         const LADDER: &str = "\0ladder";
         if path == DelayPath::Ladder && !session.declared.lock().contains(LADDER) {
-            topology::declare_ladder(&session.ch).await?;
+            topology::declare_ladder(&session.ch, self.inner.queue_kind).await?;
             session.declared.lock().insert(LADDER.to_owned());
         }
         Ok(())

@@ -87,6 +87,18 @@
 //! result backend; [`Client::call_celery`] and [`Client::send_celery_task`]
 //! run tasks on Celery workers. See [`celery`].
 //!
+//! ## On a RabbitMQ cluster
+//! Give every node's URL, comma-separated, and use quorum queues on both
+//! sides ([`WorkerBuilder::quorum_queues`], [`Client::connect_with`] with
+//! [`QueueKind::Quorum`]): task, dead-letter, event, schedule-token and
+//! delay-ladder queues are then replicated, and a worker or producer whose
+//! node goes away reconnects to the next one. A task whose ack was lost with
+//! the node runs again elsewhere (at least once). `examples/worker_cluster.rs`
+//! shows it on a three-node cluster that loses a node mid-run. On RabbitMQ
+//! before 3.12, a retry waiting in the delay ladder when a node is lost can be
+//! held until that node is back (a RabbitMQ bug, fixed upstream by
+//! rabbitmq-server commit 27886dd9a2); it is not lost.
+//!
 //! ## Topology
 //! `hare.tasks` (direct) with a durable queue per task, declared by producers
 //! too; `hare.events` (topic) with a durable queue per consumer group

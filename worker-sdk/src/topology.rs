@@ -236,7 +236,15 @@ fn is_broker_refusal(err: &lapin::Error) -> bool {
 /// queue on the ladder holds messages of one TTL only, so expiry is always at
 /// the head and nothing waits behind a longer delay, and no delayed task is
 /// ever held unacked in a worker.
-pub async fn declare_ladder(ch: &Channel) -> lapin::Result<()> {
+///
+/// The ladder's queues are of `kind`, like the work queues: on a cluster a
+/// classic ladder queue lives on one node, and once that node is gone every
+/// re-declare of it fails (404 "home node … is down"), which would keep every
+/// worker and producer from reconnecting, and the retries waiting in it would
+/// be stuck. Quorum ladder queues (message TTL needs RabbitMQ 3.10+) pass
+/// expired messages on at least once: the broker keeps a message until the
+/// level below has it (which needs `reject-publish` overflow).
+pub async fn declare_ladder(ch: &Channel, kind: QueueKind) -> lapin::Result<()> {
     let topic = |name: String| {
         ch.exchange_declare(
             name.into(),
@@ -262,6 +270,15 @@ pub async fn declare_ladder(ch: &Channel) -> lapin::Result<()> {
             AMQPValue::LongLongInt(1i64 << level),
         );
         args.insert("x-dead-letter-exchange".into(), text(below.as_str()));
+        if matches!(kind, QueueKind::Quorum { .. }) {
+            for (key, value) in [
+                ("x-queue-type", "quorum"),
+                ("x-dead-letter-strategy", "at-least-once"),
+                ("x-overflow", "reject-publish"),
+            ] {
+                args.insert(key.into(), text(value));
+            }
+        }
         ch.queue_declare(queue.as_str().into(), durable_queue(), args)
             .await?;
         ch.queue_bind(

@@ -227,7 +227,7 @@ async fn declare(w: &Shared, ch: &Channel, path: DelayPath) -> Result<()> {
     let kind = w.config.queue_kind();
     topology::declare_event_exchanges(ch).await?;
     if path == DelayPath::Ladder {
-        topology::declare_ladder(ch).await?;
+        topology::declare_ladder(ch, kind).await?;
     }
     for route in &w.routes.tasks {
         topology::declare_task_queue(ch, &route.queue, kind, route.max_priority, path).await?;
