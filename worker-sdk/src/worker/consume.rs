@@ -240,13 +240,7 @@ async fn run_batch(w: &Shared, outbox: &Channel, index: usize, jobs: Vec<Job>) {
     for job in &runnable {
         let outcome = match &outcome {
             Ok(()) => Ok(serde_json::Value::Null),
-            Err(None) => Err(None),
-            Err(Some(f)) => Err(Some(Failure {
-                kind: f.kind,
-                message: f.message.clone(),
-                retry_after: f.retry_after,
-                retryable: f.retryable,
-            })),
+            Err(failure) => Err(failure.clone()),
         };
         job.finish(w, outbox, outcome.into(), began).await;
     }

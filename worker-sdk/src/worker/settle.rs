@@ -35,6 +35,7 @@ pub(crate) enum Outcome {
 }
 
 /// A failed attempt.
+#[derive(Clone)]
 pub(crate) struct Failure {
     /// `error`, `fatal`, `timeout`, `panic`, `decode`, `crash-loop`, `no-handler`.
     pub kind: &'static str,
