@@ -324,3 +324,88 @@ async fn enqueue_options_are_honoured(target: Target) {
     worker.stop().await.expect("stop");
 }
 on_both!(enqueue_options_are_honoured);
+
+#[derive(Serialize, Deserialize, Clone, Debug)]
+struct Settle {
+    ok: bool,
+}
+
+impl Task for Settle {
+    const NAME: &'static str = "sdk-test.settle";
+    type Output = String;
+}
+
+/// A group that follows status events (`on_status`) hears of every job's
+/// end once: the events wait in its durable `{group}.status` queue while it
+/// is down, only the patterns it bound arrive, and handling them publishes no
+/// status events of its own.
+async fn status_followers_hear_every_end(target: Target) {
+    let url = target.url();
+    let (_watch, mut all_status) = watch_status(&url, "#").await;
+    let follower_group = support::unique("notifier");
+    let heard: Log<(String, JobState, Option<String>)> = Log::default();
+    let follower = |heard: &Log<(String, JobState, Option<String>)>| {
+        let heard = heard.clone();
+        Worker::builder(&url, &follower_group).on_status(
+            &["sdk-test.settle.succeeded", "sdk-test.settle.dead"],
+            move |e: hare_worker::StatusEvent, _ctx: Context| {
+                let heard = heard.clone();
+                async move {
+                    heard.push((e.job_id, e.state, e.error));
+                    Ok::<(), TaskError>(())
+                }
+            },
+        )
+    };
+    // Declare the follower's queue, then stop it: the ends must wait for it.
+    let first = spawn(follower(&heard));
+    let status_queue = hare_worker::topology::status_queue(&follower_group);
+    support::wait_consumed(&url, &status_queue).await;
+    first.stop().await.expect("clean stop");
+
+    let worker = spawn(
+        Worker::builder(&url, &support::unique("settler"))
+            .retry(hare_worker::RetryPolicy::none())
+            .task::<Settle, _>(|t: Settle, _ctx: Context| async move {
+                if t.ok {
+                    Ok("fine".to_owned())
+                } else {
+                    Err(TaskError::fatal("no good"))
+                }
+            }),
+    );
+    let client = Client::connect(&url).await.expect("client");
+    let good = client.enqueue(&Settle { ok: true }).await.expect("enqueue");
+    let bad = client
+        .enqueue(&Settle { ok: false })
+        .await
+        .expect("enqueue");
+    let mut ends = 0;
+    while ends < 2 {
+        let e = support::next_status(&mut all_status).await;
+        ends += usize::from(matches!(e.state, JobState::Succeeded | JobState::Dead));
+    }
+    worker.stop().await.expect("clean stop");
+
+    let follower = spawn(follower(&heard));
+    let mut got = heard.wait_for(2, Duration::from_secs(10)).await;
+    got.sort_by_key(|(_, state, _)| *state == JobState::Dead);
+    assert_eq!(
+        got,
+        vec![
+            (good.to_string(), JobState::Succeeded, None),
+            (bad.to_string(), JobState::Dead, Some("no good".to_owned())),
+        ]
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(heard.len(), 2, "started events were not bound");
+    while let Ok(e) = all_status.try_recv() {
+        assert_ne!(
+            e.task, "hare.status",
+            "a status handler published status: {e:?}"
+        );
+    }
+    follower.stop().await.expect("clean stop");
+    client.close().await;
+}
+on_both!(status_followers_hear_every_end);

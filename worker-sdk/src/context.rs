@@ -20,7 +20,7 @@ pub struct Context {
 }
 
 /// The facts about one delivery of a job.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub(crate) struct JobInfo {
     pub job_id: String,
     pub name: String,
@@ -89,10 +89,25 @@ impl Context {
     }
 
     /// A command that is killed when the handler is cancelled or dropped, so
-    /// that a shutdown or timeout does not leave an ffmpeg running.
+    /// that a shutdown or timeout does not leave an ffmpeg running. On Linux
+    /// it is also killed when the worker dies (`kill -9` included), so the
+    /// worker that takes the redelivered job is not racing an orphan.
     pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> tokio::process::Command {
         let mut cmd = tokio::process::Command::new(program);
         cmd.kill_on_drop(true);
+        #[cfg(target_os = "linux")]
+        // SAFETY: prctl is async-signal-safe, and the closure touches no
+        // memory of the parent. The signal follows the thread that spawned the
+        // child: handlers run on the runtime's worker threads, which live as
+        // long as the worker.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
         cmd
     }
 
@@ -109,8 +124,12 @@ impl Context {
         self.reply(&Reply::Progress { percent, note }).await;
     }
 
-    /// Publishes a status event (without waiting for a confirm: status is
-    /// advisory, and publishes on one channel stay in order anyway).
+    /// Publishes a status event. Started, progress and failed events are
+    /// not waited for (publishes on one channel stay in order anyway); the
+    /// final ones, succeeded and dead, are confirmed before the delivery is
+    /// acked, so a consumer of `hare.status` with a durable queue (a
+    /// notifier, [`crate::WorkerBuilder::on_status`]) hears of every job's
+    /// end at least once. Status events are persistent for the same reason.
     pub(crate) async fn emit(&self, state: JobState, fill: impl FnOnce(&mut StatusEvent)) {
         let (Some(ch), true) = (&self.outbox, self.job.publish_status) else {
             return;
@@ -134,8 +153,9 @@ impl Context {
         let props = BasicProperties::default()
             .with_content_type("application/json".into())
             .with_message_id(self.job.job_id.as_str().into())
-            .with_type(state.as_str().into());
-        if let Err(e) = ch
+            .with_type(state.as_str().into())
+            .with_delivery_mode(2);
+        let confirm = match ch
             .basic_publish(
                 STATUS_EXCHANGE.into(),
                 event.routing_key().as_str().into(),
@@ -145,7 +165,16 @@ impl Context {
             )
             .await
         {
-            tracing::debug!(job = %self.job.job_id, "status event not sent: {e}");
+            Ok(confirm) => confirm,
+            Err(e) => {
+                tracing::debug!(job = %self.job.job_id, "status event not sent: {e}");
+                return;
+            }
+        };
+        if matches!(state, JobState::Succeeded | JobState::Dead) {
+            if let Err(e) = confirm.await {
+                tracing::warn!(job = %self.job.job_id, "final status event not confirmed: {e}");
+            }
         }
     }
 

@@ -6,7 +6,8 @@
 //! - `hare.events` (topic): one durable queue per consumer group, bound to
 //!   each event name the group handles.
 //! - `{queue}.dlq`: where the SDK puts what failed for good, with the error.
-//! - `hare.status` (topic): job lifecycle events, `{task}.{state}`.
+//! - `hare.status` (topic): job lifecycle events, `{task}.{state}`; a group
+//!   that follows them has a durable `{group}.status` queue bound to its patterns.
 //! - Delays: the `x-delayed-message` exchange `hare.delayed` when the broker
 //!   has it (Hare does), else a binary ladder of TTL queues (below).
 
@@ -38,6 +39,11 @@ pub fn dead_letter_queue(queue: &str) -> String {
 /// The queue of a consumer group's events.
 pub fn group_queue(group: &str) -> String {
     format!("{group}.events")
+}
+
+/// The queue of the status events a consumer group follows.
+pub fn status_queue(group: &str) -> String {
+    format!("{group}.status")
 }
 
 /// How queues are declared: classic (Hare's default, or one RabbitMQ node)
@@ -181,11 +187,20 @@ pub async fn declare_event_exchanges(ch: &Channel) -> lapin::Result<()> {
 
 /// Binds a group's queue to each event name it handles.
 pub async fn bind_events(ch: &Channel, queue: &str, events: &[&str]) -> lapin::Result<()> {
-    for event in events {
+    bind_keys(ch, EVENTS_EXCHANGE, queue, events).await
+}
+
+/// Binds a group's status queue to each `{task}.{state}` pattern it follows.
+pub async fn bind_status(ch: &Channel, queue: &str, patterns: &[&str]) -> lapin::Result<()> {
+    bind_keys(ch, STATUS_EXCHANGE, queue, patterns).await
+}
+
+async fn bind_keys(ch: &Channel, exchange: &str, queue: &str, keys: &[&str]) -> lapin::Result<()> {
+    for key in keys {
         ch.queue_bind(
             queue.into(),
-            EVENTS_EXCHANGE.into(),
-            (*event).into(),
+            exchange.into(),
+            (*key).into(),
             QueueBindOptions::default(),
             FieldTable::default(),
         )

@@ -26,6 +26,8 @@ pub(crate) enum Source {
     Events,
     /// A queue of Celery tasks, told apart by their `task` header.
     Celery(usize),
+    /// The group's status queue: other jobs' status events.
+    Status,
 }
 
 /// Starts consuming `queue` with a prefetch of `prefetch`.
@@ -101,6 +103,7 @@ pub(crate) async fn tasks(
         Source::Task(i) => w.routes.tasks[i].queue.clone(),
         Source::Events => topology::group_queue(&w.config.group),
         Source::Celery(i) => w.routes.celery[i].queue.clone(),
+        Source::Status => topology::status_queue(&w.config.group),
     };
     let protocol = match source {
         Source::Celery(_) => Protocol::Celery,
@@ -113,7 +116,11 @@ pub(crate) async fn tasks(
             return Ok(());
         };
         let (name, handler) = resolve(&w, source, &delivery);
-        let job = Job::new(&w, &outbox, &queue, &name, delivery, protocol);
+        let mut job = Job::new(&w, &outbox, &queue, &name, delivery, protocol);
+        if matches!(source, Source::Status) {
+            // A status event about handling a status event would loop.
+            job.publish_no_status();
+        }
         let span = job.span();
         // The handler keeps the consumer's channel open: lapin closes a
         // channel with its last handle, and with it every unsettled delivery.
@@ -154,6 +161,10 @@ fn resolve(w: &Shared, source: Source, d: &Delivery) -> (String, Option<ErasedHa
             let handler = w.routes.celery[i].handlers.get(&name).cloned();
             (name, handler)
         }
+        Source::Status => (
+            topology::STATUS_EXCHANGE.to_owned(),
+            w.routes.status.as_ref().map(|r| r.handler.clone()),
+        ),
     }
 }
 

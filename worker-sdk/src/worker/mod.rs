@@ -27,6 +27,7 @@ use crate::error::{Error, Result, TaskError};
 use crate::handler::{self, ErasedBatchHandler, ErasedHandler, Handler};
 use crate::message::{Event, Task};
 use crate::retry::RetryPolicy;
+use crate::status::StatusEvent;
 use crate::topology::QueueKind;
 
 pub use schedule::Schedule;
@@ -106,6 +107,14 @@ pub(crate) struct Routes {
     pub periodic: Vec<schedule::Periodic>,
     /// Celery queues, each with its tasks' handlers by task name.
     pub celery: Vec<CeleryRoute>,
+    /// Other jobs' status events, on the group's `{group}.status` queue.
+    pub status: Option<StatusRoute>,
+}
+
+pub(crate) struct StatusRoute {
+    /// Topic patterns on `hare.status` (`{task}.{state}` keys).
+    pub patterns: Vec<String>,
+    pub handler: ErasedHandler,
 }
 
 pub(crate) struct CeleryRoute {
@@ -244,6 +253,26 @@ impl WorkerBuilder {
         self
     }
 
+    /// Handles the status events ([`StatusEvent`]) of jobs whose routing key
+    /// `{task}.{state}` matches one of the topic `patterns` (`video.*.succeeded`,
+    /// `#.dead`, `#`), read from the group's own durable queue
+    /// `{group}.status`, at least once, with retries and a dead-letter queue
+    /// like any task. This is how a notifier learns that every part of a job
+    /// ended, or an API keeps the state it shows: succeeded and dead events
+    /// are confirmed by the broker before the job they report on is acked.
+    /// Handling status events publishes none (no loops); one status handler
+    /// per worker, a later call replaces the earlier one.
+    pub fn on_status<H>(mut self, patterns: &[&str], handler: H) -> Self
+    where
+        H: Handler<StatusEvent, Output = ()>,
+    {
+        self.routes.status = Some(StatusRoute {
+            patterns: patterns.iter().map(|p| (*p).to_owned()).collect(),
+            handler: handler::erase::<StatusEvent, H>(handler),
+        });
+        self
+    }
+
     /// Handles task `T` in batches of up to `max`, waiting at most `linger`
     /// after the first for the batch to fill. One outcome for the batch: on
     /// failure each task is retried (or dead-lettered) on its own.
@@ -294,6 +323,7 @@ impl WorkerBuilder {
             && r.batches.is_empty()
             && r.periodic.is_empty()
             && r.celery.is_empty()
+            && r.status.is_none()
         {
             return Err(Error::Config(
                 "the worker has no task, event or schedule".into(),

@@ -193,6 +193,15 @@ async fn start(w: &Arc<Shared>) -> Result<(lapin::Connection, JoinSet<Result<()>
             consume::Source::Celery(i),
         ));
     }
+    if w.routes.status.is_some() {
+        let ch = conn.create_channel().await?;
+        consumers.spawn(consume::tasks(
+            w.clone(),
+            ch,
+            outbox.clone(),
+            consume::Source::Status,
+        ));
+    }
     for (i, _) in w.routes.batches.iter().enumerate() {
         let ch = conn.create_channel().await?;
         consumers.spawn(consume::batches(w.clone(), ch, outbox.clone(), i));
@@ -243,6 +252,12 @@ async fn declare(w: &Shared, ch: &Channel, path: DelayPath) -> Result<()> {
         topology::declare_work_queue(ch, &queue, kind, None, path).await?;
         let names: Vec<&str> = w.routes.events.keys().map(String::as_str).collect();
         topology::bind_events(ch, &queue, &names).await?;
+    }
+    if let Some(route) = &w.routes.status {
+        let queue = topology::status_queue(&w.config.group);
+        topology::declare_work_queue(ch, &queue, kind, None, path).await?;
+        let patterns: Vec<&str> = route.patterns.iter().map(String::as_str).collect();
+        topology::bind_status(ch, &queue, &patterns).await?;
     }
     for periodic in &w.routes.periodic {
         periodic.declare(ch, kind, path).await?;

@@ -136,6 +136,11 @@ impl Job {
         }
     }
 
+    /// Runs this job without publishing status events about it.
+    pub fn publish_no_status(&mut self) {
+        Arc::make_mut(&mut self.ctx.job).publish_status = false;
+    }
+
     fn name(&self) -> &str {
         &self.ctx.job.name
     }
