@@ -132,11 +132,19 @@ async fn upload(
     let key = Store::upload_key(&video_id, &ext);
     let written = match receive(&api.store, &key, body).await {
         Ok(n) => n,
-        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, format!("storing the upload: {e}")),
+        Err(e) => {
+            return error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("storing the upload: {e}"),
+            )
+        }
     };
     if written == 0 {
         let _ = std::fs::remove_dir_all(api.store.path(&format!("uploads/{video_id}")));
-        return error(StatusCode::BAD_REQUEST, "the upload is empty: send the video as the body");
+        return error(
+            StatusCode::BAD_REQUEST,
+            "the upload is empty: send the video as the body",
+        );
     }
     let event = VideoUploaded {
         video_id: video_id.clone(),
@@ -146,7 +154,10 @@ async fn upload(
         uploaded_at_ms: now_ms(),
     };
     if let Err(e) = api.save(&JobView::new(&event)) {
-        return error(StatusCode::INTERNAL_SERVER_ERROR, format!("saving the job: {e}"));
+        return error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("saving the job: {e}"),
+        );
     }
     if let Err(e) = api.client.publish(&event).await {
         let reason = match e {
@@ -260,11 +271,13 @@ fn feed(api: Arc<Api>, id: String) -> impl Stream<Item = Result<SseEvent, Infall
             let view = f.api.view(&f.id)?;
             let (status, player) = (page::status(&view), page::player(&view));
             if status != f.sent.0 {
-                f.queue.push_back(SseEvent::default().event("status").data(&status));
+                f.queue
+                    .push_back(SseEvent::default().event("status").data(&status));
                 f.sent.0 = status;
             }
             if player != f.sent.1 {
-                f.queue.push_back(SseEvent::default().event("player").data(&player));
+                f.queue
+                    .push_back(SseEvent::default().event("player").data(&player));
                 f.sent.1 = player;
             }
         }

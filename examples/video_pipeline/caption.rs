@@ -36,10 +36,8 @@ pub struct PocketSphinx {
     pub model: Option<PathBuf>,
 }
 
-pub const POCKETSPHINX: (&str, &str) = (
-    "pocketsphinx_continuous",
-    "pocketsphinx pocketsphinx-en-us",
-);
+pub const POCKETSPHINX: (&str, &str) =
+    ("pocketsphinx_continuous", "pocketsphinx pocketsphinx-en-us");
 
 impl Recognizer for PocketSphinx {
     async fn transcribe(&self, ctx: &Context, wav: &Path) -> Result<Vec<Word>, TaskError> {

@@ -24,11 +24,29 @@ pub async fn sample(out: &Path, seconds: u32) -> Result<(), String> {
     let video = format!("testsrc=size=1280x720:rate=25:duration={seconds}");
     let voice = format!("flite=text='{}':voice=slt", SCRIPT.replace('.', ""));
     let status = tokio::process::Command::new("ffmpeg")
-        .args(["-nostdin", "-y", "-loglevel", "error", "-f", "lavfi", "-i", &video])
+        .args([
+            "-nostdin",
+            "-y",
+            "-loglevel",
+            "error",
+            "-f",
+            "lavfi",
+            "-i",
+            &video,
+        ])
         .args(["-f", "lavfi", "-i", &voice])
-        .args(["-filter_complex", "[1:a]apad[a]", "-map", "0:v", "-map", "[a]"])
+        .args([
+            "-filter_complex",
+            "[1:a]apad[a]",
+            "-map",
+            "0:v",
+            "-map",
+            "[a]",
+        ])
         .args(["-t", &seconds.to_string()])
-        .args(["-c:v", "libx264", "-preset", "veryfast", "-pix_fmt", "yuv420p"])
+        .args([
+            "-c:v", "libx264", "-preset", "veryfast", "-pix_fmt", "yuv420p",
+        ])
         .args(["-c:a", "aac"])
         .arg(out)
         .status()
@@ -103,14 +121,25 @@ pub async fn run(opts: Opts) -> Result<(), String> {
     };
     for (name, after) in &ended {
         let part = &view.parts[name];
-        let key = part.output.as_ref().and_then(|o| o["key"].as_str()).unwrap_or("");
+        let key = part
+            .output
+            .as_ref()
+            .and_then(|o| o["key"].as_str())
+            .unwrap_or("");
         let what = match (part.state, name.as_str()) {
             (PartState::Failed, _) => format!("failed: {}", part.error.as_deref().unwrap_or("?")),
             (_, "captions") => {
-                let text = part.output.as_ref().and_then(|o| o["text"].as_str()).unwrap_or("");
+                let text = part
+                    .output
+                    .as_ref()
+                    .and_then(|o| o["text"].as_str())
+                    .unwrap_or("");
                 format!(
                     "{key} ({} cues, {:.0} % of the script's words): \"{text}\"",
-                    part.output.as_ref().and_then(|o| o["cues"].as_u64()).unwrap_or(0),
+                    part.output
+                        .as_ref()
+                        .and_then(|o| o["cues"].as_u64())
+                        .unwrap_or(0),
                     word_accuracy(text) * 100.0
                 )
             }
@@ -160,7 +189,10 @@ fn upload(base: &str, bytes: &[u8]) -> Result<(String, Duration), String> {
         }
         std::thread::sleep(Duration::from_millis(100));
     };
-    let body = response.body_mut().read_to_string().map_err(|e| e.to_string())?;
+    let body = response
+        .body_mut()
+        .read_to_string()
+        .map_err(|e| e.to_string())?;
     if response.status().as_u16() != 202 {
         return Err(format!("upload refused: {} {body}", response.status()));
     }
@@ -175,6 +207,9 @@ fn fetch(base: &str, id: &str) -> Result<JobView, String> {
         .header("accept", "application/json")
         .call()
         .map_err(|e| e.to_string())?;
-    let body = response.body_mut().read_to_string().map_err(|e| e.to_string())?;
+    let body = response
+        .body_mut()
+        .read_to_string()
+        .map_err(|e| e.to_string())?;
     serde_json::from_str(&body).map_err(|e| format!("{e}: {body}"))
 }

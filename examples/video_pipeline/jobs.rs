@@ -26,7 +26,11 @@ impl Event for VideoUploaded {
 impl VideoUploaded {
     /// Every part of the job, as named in job ids and the API.
     pub fn parts(&self) -> Vec<Part> {
-        let mut parts: Vec<Part> = self.renditions.iter().map(|&h| Part::Rendition(h)).collect();
+        let mut parts: Vec<Part> = self
+            .renditions
+            .iter()
+            .map(|&h| Part::Rendition(h))
+            .collect();
         parts.push(Part::Captions);
         parts
     }

@@ -77,7 +77,11 @@ pub struct Opts {
     #[arg(long)]
     listen: Option<SocketAddr>,
     /// Which parts run here: api, transcoder, captioner, notifier.
-    #[arg(long, value_delimiter = ',', default_value = "api,transcoder,captioner,notifier")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "api,transcoder,captioner,notifier"
+    )]
     roles: Vec<String>,
     /// ffmpeg runs at once per transcoder process.
     #[arg(long, default_value_t = 1)]
@@ -189,7 +193,12 @@ pub async fn start(opts: &Opts, default_listen: SocketAddr) -> Result<Running, S
     let mut tasks = tokio::task::JoinSet::new();
     let mut run = |builder: hare_worker::WorkerBuilder| {
         let rx = rx.clone();
-        tasks.spawn(async move { builder.run_until(stopped(rx)).await.map_err(|e| e.to_string()) });
+        tasks.spawn(async move {
+            builder
+                .run_until(stopped(rx))
+                .await
+                .map_err(|e| e.to_string())
+        });
     };
     let grace = Duration::from_secs(5);
     if opts.has("transcoder") {

@@ -94,7 +94,14 @@ pub async fn ffmpeg_with_progress(
 ) -> Result<(), TaskError> {
     let mut child = ctx
         .command("ffmpeg")
-        .args(["-nostdin", "-y", "-hide_banner", "-loglevel", "error", "-nostats"])
+        .args([
+            "-nostdin",
+            "-y",
+            "-hide_banner",
+            "-loglevel",
+            "error",
+            "-nostats",
+        ])
         .args(["-progress", "pipe:1"])
         .args(args)
         .stdout(Stdio::piped())

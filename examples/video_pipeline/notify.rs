@@ -39,7 +39,10 @@ pub fn outbox(store: &Store) -> Vec<Notification> {
 
 pub fn expect(store: &Store, e: &VideoUploaded) -> Result<(), TaskError> {
     let parts: Vec<String> = e.parts().into_iter().map(Part::name).collect();
-    store.put(&fact_key(&e.video_id, "expected"), &serde_json::to_vec(&parts)?)?;
+    store.put(
+        &fact_key(&e.video_id, "expected"),
+        &serde_json::to_vec(&parts)?,
+    )?;
     complete(store, &e.video_id)
 }
 
@@ -78,7 +81,11 @@ fn complete(store: &Store, video_id: &str) -> Result<(), TaskError> {
     } else {
         format!(
             "Your video is processed: {} ready; {}.",
-            if done.is_empty() { "nothing".to_owned() } else { done.join(", ") },
+            if done.is_empty() {
+                "nothing".to_owned()
+            } else {
+                done.join(", ")
+            },
             failed.join("; ")
         )
     };

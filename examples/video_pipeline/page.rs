@@ -73,7 +73,10 @@ pub fn status(view: &JobView) -> String {
             ),
             PartState::Failed => (
                 "failed",
-                format!("<span class=error>{}</span>", esc(part.error.as_deref().unwrap_or("failed"))),
+                format!(
+                    "<span class=error>{}</span>",
+                    esc(part.error.as_deref().unwrap_or("failed"))
+                ),
             ),
         };
         html.push_str(&format!(
@@ -100,7 +103,10 @@ pub fn player(view: &JobView) -> String {
         .and_then(|p| p.url.as_deref());
     let track = captions
         .map(|url| {
-            format!("<track kind=captions srclang=en label=English default src='{}'>", esc(url))
+            format!(
+                "<track kind=captions srclang=en label=English default src='{}'>",
+                esc(url)
+            )
         })
         .unwrap_or_default();
     view.parts

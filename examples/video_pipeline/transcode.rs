@@ -29,7 +29,11 @@ pub async fn fan_out(client: &Client, e: &VideoUploaded) -> Result<(), TaskError
     Ok(())
 }
 
-pub async fn transcode(store: &Store, job: Transcode, ctx: Context) -> Result<Rendition, TaskError> {
+pub async fn transcode(
+    store: &Store,
+    job: Transcode,
+    ctx: Context,
+) -> Result<Rendition, TaskError> {
     let key = Store::rendition_key(&job.video_id, job.height);
     if store.exists(&key) {
         // Done by an earlier delivery whose ack was lost.
@@ -42,7 +46,8 @@ pub async fn transcode(store: &Store, job: Transcode, ctx: Context) -> Result<Re
     if input.video_codec.is_none() {
         return Err(TaskError::fatal("the upload has no video stream"));
     }
-    ctx.progress(0.0, format!("{}p: starting", job.height)).await;
+    ctx.progress(0.0, format!("{}p: starting", job.height))
+        .await;
     let scratch = store.scratch(&key, ".mp4")?;
     let scale = format!("scale=-2:{}", job.height);
     let args: Vec<&OsStr> = vec![
