@@ -540,7 +540,7 @@ fn a_transcoder_killed_mid_job_is_replaced_and_the_user_is_notified_once() {
     }
     assert_eq!(done["notification"]["ok"], true);
     std::thread::sleep(Duration::from_secs(1));
-    let notified = api.output().matches(&format!("notified: ")).count();
+    let notified = api.output().matches("notified: ").count();
     assert_eq!(notified, 1, "{}", api.output());
     let mut response = agent()
         .get(format!("{base}/notifications"))
