@@ -255,35 +255,41 @@ fn agent() -> ureq::Agent {
         .into()
 }
 
-/// POSTs the sample (retrying 503s while the workers declare their queues):
-/// the job id, its `Location`, and how long the 202 took.
-fn upload(base: &str) -> (String, String, Duration) {
-    let bytes = std::fs::read(sample()).expect("sample");
+/// POSTs `body` to `/videos` (retrying 503s while the workers declare their
+/// queues): the status, the body, the `Location` and how long the answer took.
+fn post(base: &str, body: &[u8]) -> (u16, String, Option<String>, Duration) {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let began = Instant::now();
         let mut response = agent()
             .post(format!("{base}/videos?name=sample.mp4"))
             .header("content-type", "video/mp4")
-            .send(&bytes[..])
+            .send(body)
             .expect("POST /videos");
         let took = began.elapsed();
         let status = response.status().as_u16();
-        let body = response.body_mut().read_to_string().expect("body");
+        let text = response.body_mut().read_to_string().expect("body");
         if status == 503 && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(100));
             continue;
         }
-        assert_eq!(status, 202, "{body}");
         let location = response
             .headers()
             .get("location")
             .and_then(|v| v.to_str().ok())
-            .expect("Location")
-            .to_owned();
-        let json: Value = serde_json::from_str(&body).expect("JSON");
-        return (json["id"].as_str().expect("id").to_owned(), location, took);
+            .map(str::to_owned);
+        return (status, text, location, took);
     }
+}
+
+/// POSTs the sample: the job id, its `Location`, and how long the 202 took.
+fn upload(base: &str) -> (String, String, Duration) {
+    let bytes = std::fs::read(sample()).expect("sample");
+    let (status, body, location, took) = post(base, &bytes);
+    assert_eq!(status, 202, "{body}");
+    let json: Value = serde_json::from_str(&body).expect("JSON");
+    let id = json["id"].as_str().expect("id").to_owned();
+    (id, location.expect("Location"), took)
 }
 
 fn job(base: &str, id: &str) -> Value {
@@ -630,4 +636,36 @@ fn a_failing_captioner_dead_letters_without_touching_the_transcoder() {
         dom.contains(&format!("/files/renditions/{id}/720p.mp4")),
         "{dom}"
     );
+}
+
+/// An empty upload is refused with 400 and a reason; bytes that are no
+/// video are accepted (the API does not wait to look), then every part fails
+/// for good with an error that says why, and the user is told.
+#[test]
+fn an_empty_or_broken_upload_gets_a_clear_answer() {
+    ensure_tools();
+    let broker = TestBroker::start();
+    let data = DataDir::new("video-bad");
+    let all = Proc::serve(broker.url(), &data.0, &["--retry-attempts", "1"]);
+    let base = all.api();
+    let (status, body, _, _) = post(&base, b"");
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("the upload is empty"), "{body}");
+
+    let (status, body, _, _) = post(&base, b"these bytes are not a video");
+    assert_eq!(status, 202, "{body}");
+    let id: Value = serde_json::from_str(&body).expect("JSON");
+    let id = id["id"].as_str().expect("id");
+    let done = wait_job(&base, id, "the notification", |v| {
+        v["notification"].is_object()
+    });
+    for part in ["360p", "720p"] {
+        assert_eq!(state(&done, part), "failed", "{done:#}");
+        let error = done["parts"][part]["error"].as_str().unwrap_or("");
+        assert!(error.starts_with("not a video"), "{error}");
+    }
+    assert_eq!(state(&done, "captions"), "failed", "{done:#}");
+    let error = done["parts"]["captions"]["error"].as_str().unwrap_or("");
+    assert!(error.starts_with("no audio to caption"), "{error}");
+    assert_eq!(done["notification"]["ok"], false, "{done:#}");
 }
