@@ -48,13 +48,24 @@ impl Api {
         format!("api/jobs/{video_id}.json")
     }
 
+    /// The job as the workers' status events left it: `None` for a job
+    /// this API does not know, an error when the store fails.
+    fn load(&self, video_id: &str) -> std::io::Result<Option<JobView>> {
+        if !valid_id(video_id) {
+            return Ok(None);
+        }
+        match self.store.get(&Self::view_key(video_id)) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(std::io::Error::other),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     /// The job as the API shows it, with the notification if there is one.
     pub fn view(&self, video_id: &str) -> Option<JobView> {
-        if !valid_id(video_id) {
-            return None;
-        }
-        let bytes = self.store.get(&Self::view_key(video_id)).ok()?;
-        let mut view: JobView = serde_json::from_slice(&bytes).ok()?;
+        let mut view = self.load(video_id).ok().flatten()?;
         view.notification = notify::notification(&self.store, video_id);
         Some(view)
     }
@@ -70,10 +81,10 @@ impl Api {
         let Some((video_id, part)) = Part::of_job(&e.job_id) else {
             return Ok(());
         };
-        let Some(mut view) = self.view(video_id) else {
+        // A store error is retried, never dropped: the page would go stale.
+        let Some(mut view) = self.load(video_id)? else {
             return Ok(()); // not uploaded through this API
         };
-        view.notification = None;
         if view.apply(part, &e) {
             self.save(&view)?;
             let _ = self.changed.send(video_id.to_owned());
